@@ -300,6 +300,28 @@ class JanusUnified:
         enc = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
         return {k: v.to(self.device) for k, v in enc.items()}
 
+    def understanding_batch(self, images, questions, targets, system=None, suffixes=None) -> dict:
+        """Model inputs + `labels` for teacher-forced training of the understanding branch.
+
+        Row i is the judge/answer prompt for (images[i], questions[i]) exactly as `answer`, `judge`
+        and `p_yes` build it (plus suffixes[i], e.g. a description), followed by targets[i]; labels
+        are -100 everywhere except on the target tokens. `self.janus(**batch).loss` is their NLL.
+        """
+        texts = [self._chat([{"type": "image"}, {"type": "text", "text": " " + q}], system) for q in questions]
+        if suffixes is not None:
+            texts = [t + s for t, s in zip(texts, suffixes)]
+        n_target = [len(self.tokenizer(t + y).input_ids) - len(self.tokenizer(t).input_ids)
+                    for t, y in zip(texts, targets)]
+        if min(n_target) < 1:
+            raise ValueError("every target must add at least one token")
+        batch = self._understanding_inputs(images, questions, system,
+                                           [(s if suffixes else "") + y for s, y in zip(suffixes or [""] * len(targets), targets)])
+        labels = torch.full_like(batch["input_ids"], -100)
+        for i, k in enumerate(n_target):  # left padding: each row's target is its last k tokens
+            labels[i, -k:] = batch["input_ids"][i, -k:]
+        batch["labels"] = labels
+        return batch
+
     @torch.no_grad()
     def answer(self, images, questions, max_new_tokens: int = 32, system: str | None = None) -> list[str]:
         """Greedy free-text answers, one per (image, question)."""

@@ -119,6 +119,7 @@ class TinySpec:
     vq_base_channels: int = 32
     vq_channel_multiplier: list[int] = field(default_factory=list)
     vq_res_blocks: int = 1
+    vq_latent_channels: int | None = None  # default 4 * vq_embed_dim
     max_position: int = 1024
 
 
@@ -151,7 +152,7 @@ def janus_config(spec: TinySpec, tokenizer: PreTrainedTokenizerFast) -> JanusCon
         ),
         vq_config=dict(
             num_embeddings=spec.codebook, embed_dim=spec.vq_embed_dim, base_channels=spec.vq_base_channels,
-            channel_multiplier=mult, num_res_blocks=spec.vq_res_blocks, latent_channels=spec.vq_embed_dim * 4,
+            channel_multiplier=mult, num_res_blocks=spec.vq_res_blocks, latent_channels=spec.vq_latent_channels or spec.vq_embed_dim * 4,
             projection_dim=spec.hidden, image_token_embed_dim=spec.hidden,
         ),
         image_token_id=tokenizer.convert_tokens_to_ids(SPECIAL["image"]),
