@@ -1,0 +1,220 @@
+"""Pools, training sets and the Nonunified score: pure functions over pandas DataFrames.
+
+Where it fits: after the judge. `assign_pools` sorts judged samples into accepted / rejected /
+uncertain; `sft_set` (Algorithm 1: keep every accepted image), `dpo_pairs` (chosen = accepted,
+rejected = rejected, same prompt) and `discard_pool` (prompts with no accepted image, replayed by
+the curriculum) feed training; `nonunified_score` is the paper's internal-gap metric;
+`corrupt_scores` is the corrupted-judge control arm.
+
+Convention: every function takes a DataFrame (a list of row dicts is converted) and returns a new
+DataFrame; inputs are never modified. Rows follow `pipelines.schemas` (JudgedRow, PooledRow, ...).
+Everything is deterministic: ties break on (round, sample_index) and random choices are seeded per
+prompt, so results do not depend on row order or on the other prompts.
+
+Example:
+    >>> from pipelines.pools import assign_pools, dpo_pairs
+    >>> rows = [dict(prompt_id="p", prompt="a red circle", category="single", round=1,
+    ...              sample_index=i, seed=i, image_tokens=[i], png=b"", score=s, valid=True,
+    ...              answer="") for i, s in enumerate([0.9, 0.1, 0.5])]
+    >>> pooled = assign_pools(rows, accept_threshold=0.6, reject_threshold=0.4)
+    >>> list(pooled["pool"])
+    ['accepted', 'rejected', 'uncertain']
+    >>> pairs = dpo_pairs(pooled, "best_worst", margin=0.0, max_pairs_per_prompt=1, seed=0)
+    >>> pairs[["chosen_index", "rejected_index"]].values.tolist()
+    [[0, 1]]
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from pipelines.stats import Rate, rate
+
+NONUNIFIED_THRESHOLD = 0.5
+SFT_COLUMNS = ["prompt_id", "prompt", "category", "round", "sample_index", "image_tokens", "score",
+               "label_source"]
+PAIR_COLUMNS = ["prompt_id", "prompt", "category", "round", "chosen_index", "rejected_index",
+                "chosen_tokens", "rejected_tokens", "chosen_score", "rejected_score"]
+_ORDER = ["prompt_id", "round", "sample_index"]
+
+
+def as_frame(rows: Any) -> pd.DataFrame:
+    """A DataFrame from a DataFrame (copied) or a list of row dicts."""
+    if isinstance(rows, pd.DataFrame):
+        return rows.copy()
+    return pd.DataFrame(list(rows))
+
+
+def assign_pools(judged: Any, accept_threshold: float, reject_threshold: float) -> pd.DataFrame:
+    """Add `pool` and `label_source="judge"`: score >= accept -> accepted, <= reject -> rejected.
+
+    Accepted is tested first, so with equal thresholds a score on the boundary is accepted.
+    Invalid samples (valid=False or NaN score) go to "uncertain": the judge said nothing usable,
+    so neither training set may use them, but a reviewer may.
+    """
+    if accept_threshold < reject_threshold:
+        raise ValueError(f"accept_threshold {accept_threshold} < reject_threshold {reject_threshold}")
+    df = as_frame(judged)
+    score = df["score"].astype(float)
+    usable = df["valid"].astype(bool) & score.notna()
+    df["pool"] = np.where(usable & (score >= accept_threshold), "accepted",
+                          np.where(usable & (score <= reject_threshold), "rejected", "uncertain"))
+    df["label_source"] = "judge"
+    return df
+
+
+def discard_pool(pooled: Any) -> pd.DataFrame:
+    """Prompts with no accepted sample (Algorithm 2's discard pool): prompt_id, prompt, category,
+    num_samples, best_score (NaN when no valid score)."""
+    df = as_frame(pooled)
+    if df.empty:
+        return pd.DataFrame(columns=["prompt_id", "prompt", "category", "num_samples", "best_score"])
+    df["_accepted"] = df["pool"] == "accepted"
+    grouped = df.groupby("prompt_id", sort=True)
+    out = grouped.agg(prompt=("prompt", "first"), category=("category", "first"),
+                      num_samples=("prompt_id", "size"), best_score=("score", "max"),
+                      any_accepted=("_accepted", "any")).reset_index()
+    return out[~out["any_accepted"]].drop(columns="any_accepted").reset_index(drop=True)
+
+
+def sft_set(pooled: Any) -> pd.DataFrame:
+    """Every accepted sample, as SFTRow columns (Algorithm 1 keeps all images judged 1)."""
+    df = as_frame(pooled)
+    if df.empty:
+        return pd.DataFrame(columns=SFT_COLUMNS)
+    kept = df[df["pool"] == "accepted"].sort_values(_ORDER, kind="stable")
+    return kept[SFT_COLUMNS].reset_index(drop=True)
+
+
+def dpo_pairs(pooled: Any, strategy: Literal["best_worst", "all"], margin: float,
+              max_pairs_per_prompt: int, seed: int) -> pd.DataFrame:
+    """Chosen (accepted) vs rejected (rejected) samples of the same prompt, as PairRow columns.
+
+    best_worst: the highest-scored accepted vs the lowest-scored rejected, if the gap >= margin.
+    all: every accepted x rejected pair with gap >= margin; over `max_pairs_per_prompt`, a seeded
+    sample (seed mixed with the prompt id, so a prompt's pairs do not depend on other prompts).
+    Human labels count as score 1.0 (accepted) / 0.0 (rejected) for gaps and the recorded scores.
+    Order: by prompt_id, then chosen score descending, then rejected score ascending.
+    """
+    if strategy not in ("best_worst", "all"):
+        raise ValueError(f"unknown pair strategy {strategy!r}")
+    df = as_frame(pooled)
+    if df.empty or max_pairs_per_prompt <= 0:
+        return pd.DataFrame(columns=PAIR_COLUMNS)
+    df["_eff"] = _effective_score(df)
+    pairs: list[dict] = []
+    for pid, group in df.sort_values(_ORDER, kind="stable").groupby("prompt_id", sort=True):
+        chosen = group[group["pool"] == "accepted"].sort_values("_eff", ascending=False, kind="stable")
+        rejected = group[group["pool"] == "rejected"].sort_values("_eff", kind="stable")
+        if chosen.empty or rejected.empty:
+            continue
+        if strategy == "best_worst":
+            candidates = [(chosen.iloc[0], rejected.iloc[0])]
+        else:
+            candidates = [(c, r) for _, c in chosen.iterrows() for _, r in rejected.iterrows()]
+        candidates = [(c, r) for c, r in candidates if c["_eff"] - r["_eff"] >= margin]
+        if len(candidates) > max_pairs_per_prompt:
+            rng = np.random.default_rng([seed, _hash32(str(pid))])
+            keep = sorted(rng.choice(len(candidates), size=max_pairs_per_prompt, replace=False))
+            candidates = [candidates[i] for i in keep]
+        pairs.extend(_pair_row(c, r) for c, r in candidates)
+    return pd.DataFrame(pairs, columns=PAIR_COLUMNS)
+
+
+def _pair_row(c: pd.Series, r: pd.Series) -> dict:
+    return {"prompt_id": c["prompt_id"], "prompt": c["prompt"], "category": c["category"],
+            "round": int(c["round"]), "chosen_index": int(c["sample_index"]),
+            "rejected_index": int(r["sample_index"]), "chosen_tokens": c["image_tokens"],
+            "rejected_tokens": r["image_tokens"], "chosen_score": float(c["_eff"]),
+            "rejected_score": float(r["_eff"])}
+
+
+def _effective_score(df: pd.DataFrame) -> pd.Series:
+    """The judge's score, or the reviewer's label (1.0 / 0.0) where a human overrode it."""
+    score = df["score"].astype(float)
+    if "label_source" not in df:
+        return score
+    human = df["label_source"] == "human"
+    return score.where(~human, (df["pool"] == "accepted").astype(float))
+
+
+@dataclass(frozen=True)
+class NonunifiedScore:
+    """Share of valid own generations that the model's own judge rejects, with 95% Wilson CIs."""
+
+    overall: Rate
+    per_category: dict[str, Rate]
+    invalid: int  # unparseable judge answers: excluded from n, reported so they are not hidden
+    invalid_per_category: dict[str, int]
+
+    def to_metrics(self, prefix: str = "nonunified") -> dict[str, float]:
+        """Flat metric names for W&B: nonunified/rate, nonunified/counting/rate, ..."""
+        out = {f"{prefix}/{k}": v for k, v in self.overall.as_dict().items()}
+        out[f"{prefix}/invalid"] = self.invalid
+        for cat, r in self.per_category.items():
+            out.update({f"{prefix}/{cat}/{k}": v for k, v in r.as_dict().items()})
+        return out
+
+
+def nonunified_score(judged: Any, threshold: float = NONUNIFIED_THRESHOLD) -> NonunifiedScore:
+    """Han et al.'s Nonunified score: among valid samples, the share judged 0 (score < threshold).
+
+    The threshold is fixed at 0.5, not the pool reject threshold: binary scores are 0/1 either way,
+    and for P(Yes) 0.5 is where the answer flips to "No". Keeping it independent of the pool
+    settings keeps the metric comparable across runs that pool differently.
+    """
+    df = as_frame(judged)
+    if df.empty:
+        return NonunifiedScore(rate(0, 0), {}, 0, {})
+    score = df["score"].astype(float)
+    valid = df["valid"].astype(bool) & score.notna()
+    judged_zero = valid & (score < threshold)
+    per_cat, invalid_cat = {}, {}
+    for cat in sorted(df["category"].unique()):
+        mask = df["category"] == cat
+        per_cat[str(cat)] = rate(int((judged_zero & mask).sum()), int((valid & mask).sum()))
+        invalid_cat[str(cat)] = int((~valid & mask).sum())
+    return NonunifiedScore(rate(int(judged_zero.sum()), int(valid.sum())), per_cat,
+                           int((~valid).sum()), invalid_cat)
+
+
+def corrupt_scores(judged: Any, kind: Literal["none", "random", "inverted"], seed: int) -> pd.DataFrame:
+    """The corrupted-judge control: scores replaced on purpose (original kept in `uncorrupted_score`).
+
+    random: an independent uniform score per sample, from a hash of (seed, prompt_id, round,
+    sample_index) so it does not depend on row order; when every valid score is 0/1 (binary
+    mode) the random score is 0/1 too, so the control keeps the judge's output format.
+    inverted: 1 - score. Invalid samples stay NaN / invalid in both.
+    """
+    if kind not in ("none", "random", "inverted"):
+        raise ValueError(f"unknown corruption {kind!r}")
+    df = as_frame(judged)
+    score = df["score"].astype(float)
+    df["uncorrupted_score"] = score
+    if kind == "none" or df.empty:
+        return df
+    valid = df["valid"].astype(bool) & score.notna()
+    if kind == "inverted":
+        new = 1.0 - score
+    else:
+        u = np.array([_unit(seed, r.prompt_id, r.round, r.sample_index)
+                      for r in df[["prompt_id", "round", "sample_index"]].itertuples()])
+        binary = bool(valid.any()) and bool(score[valid].isin([0.0, 1.0]).all())
+        new = pd.Series(np.floor(u * 2.0) if binary else u, index=df.index)
+    df["score"] = new.where(valid, np.nan)
+    return df
+
+
+def _hash32(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
+
+
+def _unit(seed: int, prompt_id: Any, round_: Any, sample_index: Any) -> float:
+    """A uniform number in [0, 1) fixed by its arguments."""
+    digest = hashlib.sha256(f"{seed}/{prompt_id}/{round_}/{sample_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2.0**64

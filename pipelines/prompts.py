@@ -1,0 +1,248 @@
+"""Prompt sources -> a clean list of `PromptRow` plus a report of what was skipped and why.
+
+Where it fits: the first stage of a round. Sources: the built-in shapes world (`source="shapes"`),
+JSONL / CSV / Parquet files with a `prompt` column (optional `id` or `prompt_id`, `category`,
+`split`), and the serve contradiction log (Parquet: prompt, png, score, round, time), whose prompts
+feed the next round. Files are read through pyarrow filesystems (local, file://, s3://, gs://).
+
+Bad rows never stop a run: empty prompts, non-text prompts, prompts over the token budget, rows
+without a prompt, malformed lines and duplicate ids are skipped and counted by reason in the
+`PromptReport`. A missing file, an unknown format or a file without a `prompt` column is a
+`PromptSourceError` (nothing sensible to continue with).
+
+Example:
+    >>> import json, os, tempfile
+    >>> from pipelines.prompts import load_prompts
+    >>> path = os.path.join(tempfile.mkdtemp(), "p.jsonl")
+    >>> with open(path, "w") as fh:
+    ...     _ = fh.write(json.dumps({"prompt": "a red circle"}) + "\\n" + json.dumps({"prompt": ""}) + "\\n")
+    >>> rows, report = load_prompts(path)
+    >>> [r["prompt"] for r in rows], report.kept, dict(report.skipped)
+    (['a red circle'], 1, {'empty': 1})
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib
+import io
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipelines.schemas import PromptRow
+from pipelines.store import resolve_uri
+
+DEFAULT_CATEGORY = "uncategorized"
+CONTRADICTION_CATEGORY = "contradiction_log"  # serve log rows carry no category of their own
+SKIP_REASONS = ("empty", "not_text", "too_long", "duplicate_id", "missing_prompt", "malformed",
+                "other_split")
+
+
+class PromptSourceError(ValueError):
+    """A prompt source cannot be read at all (missing file, unknown format, no prompt column)."""
+
+
+@dataclass
+class PromptReport:
+    """What happened to every row read: kept, or skipped with a reason (see SKIP_REASONS)."""
+
+    sources: list[str] = field(default_factory=list)
+    read: int = 0
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> first few row refs
+
+    def skip(self, reason: str, where: str) -> None:
+        self.skipped[reason] += 1
+        refs = self.examples.setdefault(reason, [])
+        if len(refs) < 3:  # enough to find the problem in the file, not a copy of it
+            refs.append(where)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"sources": self.sources, "read": self.read, "kept": self.kept,
+                "skipped": dict(self.skipped), "examples": self.examples}
+
+
+def whitespace_tokens(text: str) -> int:
+    """Default token count: whitespace words (a stand-in when no tokenizer is at hand)."""
+    return len(text.split())
+
+
+def prompt_id(text: str) -> str:
+    """Stable short id for a prompt without one: the same text always gets the same id."""
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
+
+
+def load_prompts(source: str, *, split: str = "train", limit: Optional[int] = None,
+                 max_tokens: Optional[int] = None,
+                 count_tokens: Callable[[str], int] = whitespace_tokens,
+                 extra_sources: Sequence[str] = ()) -> tuple[list[PromptRow], PromptReport]:
+    """Read `source` then `extra_sources`, clean them, and keep the first `limit` good prompts.
+
+    Duplicate ids across sources keep the first occurrence (the main source wins). `split` selects
+    shapes prompts, and file rows when the file has a `split` column ("all" keeps everything).
+    """
+    report = PromptReport()
+    rows: list[PromptRow] = []
+    seen: set[str] = set()
+    for src in [source, *extra_sources]:
+        report.sources.append(src)
+        for where, raw in _read_source(src, split, report):
+            report.read += 1
+            row = _clean(raw, where, split, max_tokens, count_tokens, report)
+            if row is None:
+                continue
+            if row["prompt_id"] in seen:
+                report.skip("duplicate_id", where)
+                continue
+            seen.add(row["prompt_id"])
+            rows.append(row)
+    if limit is not None:
+        rows = rows[:limit]
+    report.kept = len(rows)
+    return rows, report
+
+
+def prompts_from_config(prompts_cfg: Any, count_tokens: Callable[[str], int] = whitespace_tokens
+                        ) -> tuple[list[PromptRow], PromptReport]:
+    """`load_prompts` driven by the `prompts:` config section."""
+    return load_prompts(prompts_cfg.source, split=prompts_cfg.split, limit=prompts_cfg.limit,
+                        max_tokens=prompts_cfg.max_prompt_tokens, count_tokens=count_tokens,
+                        extra_sources=prompts_cfg.extra_sources)
+
+
+def _clean(raw: dict, where: str, split: str, max_tokens: Optional[int],
+           count_tokens: Callable[[str], int], report: PromptReport) -> Optional[PromptRow]:
+    """One raw record -> a PromptRow, or None after counting why it was skipped."""
+    if "prompt" not in raw or raw["prompt"] is None:
+        report.skip("missing_prompt", where)
+        return None
+    text = raw["prompt"]
+    if not isinstance(text, str):
+        report.skip("not_text", where)
+        return None
+    text = text.strip()
+    if not text:
+        report.skip("empty", where)
+        return None
+    row_split = raw.get("split")
+    if split != "all" and row_split not in (None, "") and str(row_split) != split:
+        report.skip("other_split", where)
+        return None
+    if max_tokens is not None and count_tokens(text) > max_tokens:
+        report.skip("too_long", where)
+        return None
+    given = raw.get("prompt_id", raw.get("id"))
+    pid = prompt_id(text) if given is None or str(given).strip() == "" else str(given).strip()
+    category = raw.get("category")
+    category = str(category).strip() if category not in (None, "") else raw.get("_category", DEFAULT_CATEGORY)
+    return PromptRow(prompt_id=pid, prompt=text, category=category)
+
+
+def _read_source(src: str, split: str, report: PromptReport) -> Iterator[tuple[str, dict]]:
+    """(row reference for messages, raw record) for every row of a source."""
+    if src == "shapes":
+        yield from _shapes_rows(split)
+        return
+    lower = src.lower()
+    if not lower.endswith((".jsonl", ".csv", ".parquet")):
+        raise PromptSourceError(f"{src}: unknown prompt source (use 'shapes' or a .jsonl/.csv/.parquet file)")
+    fs, path = resolve_uri(src)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        raise PromptSourceError(f"{src}: prompt file not found")
+    if lower.endswith(".jsonl"):
+        yield from _jsonl_rows(fs, path, src, report)
+    elif lower.endswith(".csv"):
+        yield from _csv_rows(fs, path, src)
+    else:
+        yield from _parquet_rows(fs, path, src)
+
+
+def _jsonl_rows(fs: pafs.FileSystem, path: str, src: str,
+                report: PromptReport) -> Iterator[tuple[str, dict]]:
+    with fs.open_input_stream(path) as fh:
+        lines = io.TextIOWrapper(fh, encoding="utf-8").read().splitlines()
+    records = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue  # blank lines are formatting, not rows
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        records.append((f"{src}:{lineno}", record))
+    valid = [r for _, r in records if isinstance(r, dict)]
+    if valid and not any("prompt" in r for r in valid):
+        raise PromptSourceError(f"{src}: no 'prompt' field in any row")
+    for where, record in records:
+        if isinstance(record, dict):
+            yield where, record
+        else:  # counted here because it never reaches _clean
+            report.read += 1
+            report.skip("malformed", where)
+
+
+def _csv_rows(fs: pafs.FileSystem, path: str, src: str) -> Iterator[tuple[str, dict]]:
+    with fs.open_input_stream(path) as fh:
+        text = io.TextIOWrapper(fh, encoding="utf-8-sig", newline="").read()
+    reader = csv.DictReader(io.StringIO(text))
+    if reader.fieldnames is None or "prompt" not in reader.fieldnames:
+        raise PromptSourceError(f"{src}: no 'prompt' column (columns: {reader.fieldnames or []})")
+    for lineno, record in enumerate(reader, start=2):  # line 1 is the header
+        yield f"{src}:{lineno}", record
+
+
+def _parquet_rows(fs: pafs.FileSystem, path: str, src: str) -> Iterator[tuple[str, dict]]:
+    names = pq.read_schema(path, filesystem=fs).names
+    if "prompt" not in names:
+        raise PromptSourceError(f"{src}: no 'prompt' column (columns: {names})")
+    # Only the text columns: a contradiction log also holds PNGs we do not need here.
+    wanted = [c for c in ("prompt", "id", "prompt_id", "category", "split") if c in names]
+    table = pq.read_table(path, columns=wanted, filesystem=fs)
+    is_log = {"score", "round"} <= set(names) and "category" not in names
+    for i, record in enumerate(table.to_pylist()):
+        if is_log:
+            record["_category"] = CONTRADICTION_CATEGORY
+        yield f"{src}#row{i}", record
+
+
+def _shapes_rows(split: str) -> Iterator[tuple[str, dict]]:
+    """The built-in world's prompts, via `shapes.world.train_prompts()` / `heldout_prompts()`.
+
+    Imported lazily: the shapes package is optional for file-based runs. Each prompt object needs
+    `.text` (and optionally `.category`, `.id`/`.prompt_id`); plain strings and dicts are accepted too.
+    """
+    try:
+        world = importlib.import_module("shapes.world")
+    except ImportError as exc:
+        raise PromptSourceError(f"shapes: cannot import shapes.world ({exc})") from exc
+    wanted = {"train": ["train_prompts"], "heldout": ["heldout_prompts"],
+              "all": ["train_prompts", "heldout_prompts"]}[split]
+    for fn_name in wanted:
+        fn = getattr(world, fn_name, None)
+        if not callable(fn):
+            raise PromptSourceError(f"shapes: shapes.world has no {fn_name}()")
+        for i, obj in enumerate(_as_iterable(fn(), fn_name)):
+            yield f"shapes.{fn_name}()[{i}]", _shape_record(obj)
+
+
+def _as_iterable(value: Any, name: str) -> Iterable:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise PromptSourceError(f"shapes: {name}() returned {type(value).__name__}, not a sequence")
+    return value
+
+
+def _shape_record(obj: Any) -> dict:
+    if isinstance(obj, str):
+        return {"prompt": obj}
+    if isinstance(obj, dict):
+        return {"prompt": obj.get("text", obj.get("prompt")), "category": obj.get("category"),
+                "prompt_id": obj.get("prompt_id", obj.get("id"))}
+    return {"prompt": getattr(obj, "text", None), "category": getattr(obj, "category", None),
+            "prompt_id": getattr(obj, "prompt_id", getattr(obj, "id", None))}

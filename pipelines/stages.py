@@ -1,0 +1,187 @@
+"""Ray Data stages: generate N images per prompt, then let the same model judge them.
+
+Where it fits: the driver calls `run_generate` and `run_judge` once per round. Each is a
+`Dataset.map_batches` over a callable class holding the model, in an actor pool
+(`compute=ActorPoolStrategy`), with CPUs / GPU fraction / actor count / batch size from the config.
+Rows cross stage boundaries as Parquet in the run store, checked against `pipelines.schemas`.
+
+Determinism: a sample's seed derives from (run seed, round, prompt id, sample index) only
+(`sample_seed`), and `JanusUnified.generate_images` draws each sample from its own random stream, so
+the output does not depend on batch size or on the number of actors; rows are written in a
+canonical order (prompt_id, sample_index).
+
+Example (local Ray, the tiny random model):
+    >>> import ray; ray.init(num_cpus=2)
+    >>> from pipelines.config import config_from_dict
+    >>> cfg = config_from_dict({"model": {"path": "tiny"}, "generate": {"num_images": 2}})
+    >>> rows = [{"prompt_id": "p1", "prompt": "a red circle", "category": "single"}]
+    >>> samples = generate_table(rows, cfg, round_=1)
+    >>> judged = judge_table(samples, cfg)
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from pipelines.config import Config
+from pipelines.schemas import check_batch, check_table
+
+STAGE_GENERATE, STAGE_JUDGE = "generate", "judge"
+
+
+def sample_seed(run_seed: int, round_: int, prompt_id: str) -> int:
+    """The prompt's seed in a round; sample n of it then uses derive_seed(this, n) (models/janus.py)."""
+    from models.janus import derive_seed
+
+    return derive_seed(run_seed, round_, "generate", prompt_id)
+
+
+def _worker_setup(num_threads: Optional[int] = None) -> None:
+    import torch
+
+    torch.set_num_threads(num_threads or max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+
+
+def _png(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _unpng(data: bytes):
+    from PIL import Image
+
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+class GenerateUDF:
+    """Holds one model; maps a batch of PromptRows to N SampleRows per prompt."""
+
+    def __init__(self, model: dict, gen: dict, run_seed: int, round_: int, adapter: Optional[str] = None,
+                 slow_s: float = 0.0):
+        from models.loading import load_model
+
+        _worker_setup()
+        self.m = load_model(model["path"], model["dtype"], model["device"], adapter=adapter)
+        self.gen, self.run_seed, self.round, self.slow_s = gen, run_seed, round_, slow_s
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        check_batch(batch, "prompt", STAGE_GENERATE)
+        ids, prompts, cats = list(batch["prompt_id"]), list(batch["prompt"]), list(batch["category"])
+        seeds = [sample_seed(self.run_seed, self.round, pid) for pid in ids]
+        g = self.gen
+        out = self.m.generate_images(prompts, num_images=g["num_images"], seed=seeds, cfg_weight=g["cfg_weight"],
+                                     temperature=g["temperature"], top_k=g["top_k"])
+        n = g["num_images"]
+        if self.slow_s:  # test hook: keep the stage busy long enough to kill an actor mid-stage
+            time.sleep(self.slow_s)
+        tokens = out.tokens.reshape(len(ids) * n, -1).numpy().astype(np.int32)  # (B*N, T)
+        return {
+            "prompt_id": np.repeat(np.array(ids, dtype=object), n),
+            "prompt": np.repeat(np.array(prompts, dtype=object), n),
+            "category": np.repeat(np.array(cats, dtype=object), n),
+            "round": np.full(len(ids) * n, self.round, dtype=np.int64),
+            "sample_index": np.tile(np.arange(n, dtype=np.int64), len(ids)),
+            "seed": out.seeds.reshape(-1).numpy().astype(np.int64),
+            "image_tokens": tokens,
+            "png": np.array([_png(im) for row in out.images for im in row], dtype=object),
+        }
+
+
+class JudgeUDF:
+    """Holds the same model (the round's adapter); adds score / valid / answer to SampleRows."""
+
+    def __init__(self, model: dict, mode: Optional[str], adapter: Optional[str] = None):
+        from models.loading import load_model
+
+        _worker_setup()
+        self.m = load_model(model["path"], model["dtype"], model["device"], adapter=adapter)
+        self.mode = mode or self.m.default_judge_mode
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        check_batch(batch, "sample", STAGE_JUDGE)
+        images = [_unpng(b) for b in batch["png"]]
+        verdict = self.m.judge(images, list(batch["prompt"]), mode=self.mode)
+        out = dict(batch)
+        out["score"] = np.array(verdict.score, dtype=np.float64)
+        out["valid"] = np.array(verdict.valid, dtype=bool)
+        out["answer"] = np.array(verdict.answer, dtype=object)
+        out["judge_mode"] = np.array([self.mode] * len(images), dtype=object)
+        return out
+
+
+def _model_args(cfg: Config) -> dict:
+    return {"path": cfg.model.path, "dtype": cfg.model.dtype, "device": cfg.model.device}
+
+
+def _canonical(df: pd.DataFrame) -> pd.DataFrame:
+    return df.sort_values(["prompt_id", "sample_index"], kind="stable").reset_index(drop=True)
+
+
+def _to_frame(ds) -> pd.DataFrame:
+    """Materialise a (small) Ray Dataset on the driver with image tokens as int lists."""
+    df = ds.to_pandas()
+    df["image_tokens"] = [np.asarray(t, dtype=np.int64).tolist() for t in df["image_tokens"]]
+    return df
+
+
+def generate_table(prompts: list[dict], cfg: Config, round_: int, adapter: Optional[str] = None,
+                   slow_s: float = 0.0) -> pd.DataFrame:
+    """SampleRows for `prompts` (PromptRows): N per prompt, in canonical order."""
+    import ray
+
+    check_table(prompts, "prompt", STAGE_GENERATE)
+    g = cfg.generate
+    gen = {"num_images": g.num_images, "cfg_weight": g.cfg_weight, "temperature": g.temperature, "top_k": g.top_k}
+    ds = ray.data.from_items(list(prompts)).map_batches(
+        GenerateUDF, batch_size=g.batch_size, batch_format="numpy",
+        fn_constructor_kwargs={"model": _model_args(cfg), "gen": gen, "run_seed": cfg.run.seed,
+                               "round_": round_, "adapter": adapter, "slow_s": slow_s},
+        compute=ray.data.ActorPoolStrategy(size=g.num_actors),
+        num_cpus=g.num_cpus_per_actor, num_gpus=g.num_gpus_per_actor or None,
+    )
+    df = _canonical(_to_frame(ds))
+    check_table(df, "sample", STAGE_GENERATE)
+    if len(df) != len(prompts) * g.num_images:
+        raise RuntimeError(f"stage 'generate': expected {len(prompts) * g.num_images} samples, got {len(df)}")
+    return df
+
+
+def judge_table(samples: pd.DataFrame, cfg: Config, adapter: Optional[str] = None) -> pd.DataFrame:
+    """JudgedRows for SampleRows, in canonical order; invalid answers kept (valid=False, NaN score)."""
+    import ray
+
+    check_table(samples, "sample", STAGE_JUDGE)
+    j = cfg.judge
+    ds = ray.data.from_arrow(pa.Table.from_pandas(samples, preserve_index=False)).map_batches(
+        JudgeUDF, batch_size=j.batch_size, batch_format="numpy",
+        fn_constructor_kwargs={"model": _model_args(cfg), "mode": j.mode, "adapter": adapter},
+        compute=ray.data.ActorPoolStrategy(size=j.num_actors),
+        num_cpus=j.num_cpus_per_actor, num_gpus=j.num_gpus_per_actor or None,
+    )
+    df = _canonical(_to_frame(ds))
+    check_table(df, "judged", STAGE_JUDGE)
+    if len(df) != len(samples):
+        raise RuntimeError(f"stage 'judge': {len(samples)} samples in, {len(df)} judged rows out")
+    return df
+
+
+def run_stage(store, round_: int, stage: str, compute, info=None) -> pd.DataFrame:
+    """Resumable stage: return the stored table when `stage` is done, else compute, write, mark done.
+
+    `compute()` returns a DataFrame; `info(df)` the JSON-able summary kept in the manifest.
+    """
+    if store.is_done(round_, stage):
+        return store.read_table(round_, stage).to_pandas()
+    store.clear_stage(round_, stage)  # leftovers of a crashed attempt are never mixed in
+    df = compute()
+    store.write_table(round_, stage, pa.Table.from_pandas(df, preserve_index=False))
+    store.mark_done(round_, stage, info(df) if info else {"rows": len(df)})
+    return df

@@ -1,0 +1,143 @@
+"""Prompt sources: each format, every skip reason counted, hard errors for unusable sources."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.config import load_config
+from pipelines.prompts import (CONTRADICTION_CATEGORY, PromptSourceError, load_prompts, prompt_id,
+                               prompts_from_config)
+from pipelines.schemas import check_table
+
+
+def _jsonl(path, records):
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in records) + "\n")
+    return str(path)
+
+
+def test_jsonl_every_skip_reason_is_counted(tmp_path):
+    src = _jsonl(tmp_path / "p.jsonl", [
+        {"id": "a", "prompt": "a red circle", "category": "single"},
+        {"prompt": "two blue squares"},                     # no id: sha1 id, default category
+        {"prompt": "   "},                                  # empty
+        {"prompt": 42},                                     # not_text
+        {"prompt": "one two three four five six"},          # too_long (budget 5)
+        {"id": "a", "prompt": "a green triangle"},          # duplicate_id
+        {"text": "no prompt key"},                          # missing_prompt
+        "{not json",                                        # malformed
+        "",                                                 # blank line: not a row
+        {"prompt": "a square", "split": "heldout"},         # other_split
+    ])
+    rows, report = load_prompts(src, max_tokens=5)
+    assert [r["prompt"] for r in rows] == ["a red circle", "two blue squares"]
+    assert rows[1]["prompt_id"] == prompt_id("two blue squares") and rows[1]["category"] == "uncategorized"
+    assert dict(report.skipped) == {"empty": 1, "not_text": 1, "too_long": 1, "duplicate_id": 1,
+                                    "missing_prompt": 1, "malformed": 1, "other_split": 1}
+    assert report.read == 9 and report.kept == 2
+    assert report.examples["malformed"] == [f"{src}:8"]  # points at the line
+    check_table(rows, "prompt", "prompts")
+
+
+def test_custom_token_counter_and_limit(tmp_path):
+    src = _jsonl(tmp_path / "p.jsonl", [{"prompt": f"prompt number {i}"} for i in range(5)])
+    rows, report = load_prompts(src, max_tokens=10, count_tokens=lambda t: len(t), limit=2)
+    assert rows == [] and report.skipped["too_long"] == 5
+    rows, report = load_prompts(src, limit=2)
+    assert len(rows) == 2 and report.kept == 2 and report.read == 5
+
+
+def test_csv_source(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("id,prompt,category\n7,a red circle,single\n8,,single\n9,\"a, b, c\",counting\n")
+    rows, report = load_prompts(str(path))
+    assert [(r["prompt_id"], r["prompt"]) for r in rows] == [("7", "a red circle"), ("9", "a, b, c")]
+    assert report.skipped == {"empty": 1} and report.examples["empty"] == [f"{path}:3"]
+
+
+def test_parquet_source_with_bad_rows(tmp_path):
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt": ["a red circle", None, "a red circle", "x"],
+                             "category": ["single", "single", "single", None]}), path)
+    rows, report = load_prompts(str(path))
+    assert [r["prompt"] for r in rows] == ["a red circle", "x"]
+    assert rows[1]["category"] == "uncategorized"
+    assert report.skipped == {"missing_prompt": 1, "duplicate_id": 1}
+
+
+def test_contradiction_log_and_extra_sources(tmp_path):
+    log = tmp_path / "contradictions.parquet"
+    pq.write_table(pa.table({"prompt": ["a red circle", "two blue squares", "two blue squares"],
+                             "png": [b"\x89PNG"] * 3, "score": [0.1, 0.2, 0.3], "round": [1, 1, 1],
+                             "time": [1.0, 2.0, 3.0]}), log)
+    main = _jsonl(tmp_path / "p.jsonl", [{"prompt": "a red circle", "category": "single"}])
+    rows, report = load_prompts(main, extra_sources=[str(log)])
+    assert [(r["prompt"], r["category"]) for r in rows] == [
+        ("a red circle", "single"), ("two blue squares", CONTRADICTION_CATEGORY)]
+    assert report.skipped == {"duplicate_id": 2} and report.sources == [main, str(log)]
+
+
+def test_file_uri(tmp_path):
+    src = _jsonl(tmp_path / "p.jsonl", [{"prompt": "a red circle"}])
+    rows, _ = load_prompts(f"file://{src}")
+    assert rows[0]["prompt"] == "a red circle"
+
+
+@pytest.mark.parametrize("content, name, match", [
+    (None, "missing.jsonl", "not found"),
+    ("prompt\n", "p.txt", "unknown prompt source"),
+    ("text,category\na,b\n", "p.csv", "no 'prompt' column"),
+    ('{"text": "a"}\n', "p.jsonl", "no 'prompt' field"),
+])
+def test_unusable_sources_raise(tmp_path, content, name, match):
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(PromptSourceError, match=match):
+        load_prompts(str(path))
+
+
+def test_parquet_without_prompt_column_raises(tmp_path):
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"text": ["a"]}), path)
+    with pytest.raises(PromptSourceError, match="no 'prompt' column"):
+        load_prompts(str(path))
+
+
+def test_shapes_hook_with_a_fake_world(monkeypatch):
+    import sys
+    import types
+    from dataclasses import dataclass
+
+    @dataclass
+    class Spec:
+        text: str
+        category: str
+
+    fake = types.ModuleType("shapes.world")
+    fake.train_prompts = lambda: [Spec("a red circle", "single"), Spec("", "single")]
+    fake.heldout_prompts = lambda: ["two blue squares", {"text": "a square", "category": "shape"}]
+    monkeypatch.setitem(sys.modules, "shapes.world", fake)
+    rows, report = load_prompts("shapes", split="all")
+    assert [(r["prompt"], r["category"]) for r in rows] == [
+        ("a red circle", "single"), ("two blue squares", "uncategorized"), ("a square", "shape")]
+    assert report.skipped == {"empty": 1}
+    fake.heldout_prompts = None
+    with pytest.raises(PromptSourceError, match="heldout_prompts"):
+        load_prompts("shapes", split="heldout")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("shapes") is None
+                    or importlib.util.find_spec("shapes.world") is None,
+                    reason="shapes.world not written yet (another engineer's package)")
+def test_real_shapes_world():
+    cfg = load_config(None)
+    train, report = prompts_from_config(cfg.prompts)
+    heldout, _ = load_prompts("shapes", split="heldout")
+    assert train and heldout and report.kept == len(train)
+    assert not {r["prompt_id"] for r in train} & {r["prompt_id"] for r in heldout}
+    check_table(train, "prompt", "prompts")

@@ -1,0 +1,126 @@
+"""Ray Data stages on real local Ray with the tiny model: determinism, schemas, a killed actor."""
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipelines.config import config_from_dict
+from pipelines.schemas import SchemaError
+from pipelines.stages import generate_table, judge_table, run_stage
+from pipelines.store import RunStore
+
+pytestmark = pytest.mark.ray
+
+PROMPTS = [{"prompt_id": f"p{i}", "prompt": p, "category": c} for i, (p, c) in enumerate([
+    ("a red circle", "single"), ("two blue squares", "counting"), ("a green triangle", "single"),
+    ("a yellow circle left of a red square", "spatial"), ("a square", "shape")])]
+
+
+def make_cfg(**sections):
+    base = {"model": {"path": "tiny", "device": "cpu"}, "prompts": {"source": "prompts.jsonl"},
+            "audit": {"backend": "vlm", "vlm_path": "unused"},
+            "generate": {"num_images": 2, "batch_size": 2}, "judge": {"mode": "prob", "batch_size": 4}}
+    for k, v in sections.items():
+        base[k] = {**base.get(k, {}), **v}
+    return config_from_dict(base)
+
+
+@pytest.fixture(scope="module")
+def reference(ray_session):
+    cfg = make_cfg()
+    samples = generate_table(PROMPTS, cfg, round_=1)
+    return cfg, samples, judge_table(samples, cfg)
+
+
+def test_generate_rows_are_complete_and_typed(reference):
+    _, samples, _ = reference
+    assert len(samples) == len(PROMPTS) * 2
+    assert samples.groupby("prompt_id")["sample_index"].apply(sorted).tolist() == [[0, 1]] * len(PROMPTS)
+    assert all(len(t) == 16 for t in samples["image_tokens"])
+    assert all(bytes(p[:8]) == b"\x89PNG\r\n\x1a\n" for p in samples["png"])
+    assert samples["seed"].nunique() == len(samples)
+
+
+def test_same_output_with_two_actors_and_other_batch_sizes(reference):
+    cfg, samples, judged = reference
+    cfg2 = make_cfg(generate={"num_actors": 2, "num_cpus_per_actor": 0.5, "batch_size": 3},
+                    judge={"batch_size": 3})
+    samples2 = generate_table(PROMPTS, cfg2, round_=1)
+    pd.testing.assert_frame_equal(samples[["prompt_id", "sample_index", "seed"]],
+                                  samples2[["prompt_id", "sample_index", "seed"]])
+    assert samples["image_tokens"].tolist() == samples2["image_tokens"].tolist()
+    assert samples["png"].tolist() == samples2["png"].tolist()
+    judged2 = judge_table(samples2, cfg2)
+    np.testing.assert_allclose(judged["score"], judged2["score"], atol=1e-5)
+    # another round draws other samples
+    other = generate_table(PROMPTS[:1], cfg, round_=2)
+    assert other["image_tokens"].tolist() != samples["image_tokens"].tolist()[:2]
+
+
+def test_judge_adds_scores(reference):
+    _, samples, judged = reference
+    assert len(judged) == len(samples) and judged["valid"].all()
+    assert judged["score"].between(0, 1).all() and judged["score"].nunique() > 1
+    assert (judged["judge_mode"] == "prob").all()
+
+
+def test_schema_violations_fail_loudly_naming_stage_and_column(reference):
+    cfg, samples, _ = reference
+    with pytest.raises(SchemaError, match="stage 'generate': missing column 'category'"):
+        generate_table([{"prompt_id": "x", "prompt": "a red circle"}], cfg, round_=1)
+    bad = samples.copy()
+    bad["png"] = "not an image"
+    with pytest.raises(SchemaError, match="stage 'judge': column 'png' has type .*string, expected binary"):
+        judge_table(bad, cfg)
+
+
+def _worker_pids(class_name):
+    """PIDs of this session's Ray actor processes running `class_name` (Ray titles them ray::...)."""
+    import psutil
+
+    pids = []
+    for proc in psutil.Process().children(recursive=True):  # only our own Ray, never another's
+        try:
+            if class_name in " ".join(proc.cmdline()):
+                pids.append(proc.pid)
+        except psutil.Error:
+            continue
+    return pids
+
+
+def test_killed_actor_loses_and_duplicates_nothing(reference, tmp_path):
+    cfg, samples, _ = reference
+    store = RunStore(str(tmp_path), "killed")
+    store.init(cfg)
+    killed = []
+
+    def killer():
+        deadline = time.time() + 60
+        while time.time() < deadline and not killed:
+            pids = _worker_pids("GenerateUDF")
+            if pids:
+                time.sleep(1.5)  # let it take a batch or two first
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+            time.sleep(0.2)
+
+    t = threading.Thread(target=killer)
+    t.start()
+    compute = lambda: generate_table(PROMPTS, cfg, round_=1, slow_s=1.0)  # noqa: E731
+    try:
+        out = run_stage(store, 1, "generate", compute)
+    except Exception:  # failing loudly is allowed; then a rerun must complete
+        assert not store.is_done(1, "generate")
+        out = run_stage(store, 1, "generate", compute)
+    t.join()
+    assert killed, "the test never saw a generate actor to kill"
+    assert store.is_done(1, "generate")
+    assert out[["prompt_id", "sample_index"]].value_counts().max() == 1
+    assert out["image_tokens"].tolist() == samples["image_tokens"].tolist()
+    again = run_stage(store, 1, "generate", lambda: pytest.fail("a finished stage must not recompute"))
+    assert again["png"].tolist() == samples["png"].tolist()
