@@ -297,8 +297,27 @@ class JanusUnified:
         if suffixes is not None:
             texts = [t + s for t, s in zip(texts, suffixes)]
         images = [im.convert("RGB") if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im)) for im in images]
-        enc = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
+        pixels = self._fast_pixels(images)
+        if pixels is None:
+            enc = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
+        else:  # same tensors as the processor (tests/models), without its per-image PIL pipeline
+            p = self.processor
+            expanded = p.image_start_token + p.image_token * p.num_image_tokens + p.image_end_token
+            enc = dict(self.tokenizer([t.replace(p.image_token, expanded) for t in texts], padding=True,
+                                      return_tensors="pt"), pixel_values=pixels)
         return {k: v.to(self.device) for k, v in enc.items()}
+
+    def _fast_pixels(self, images) -> torch.Tensor | None:
+        """(B, 3, H, W) normalised pixels when every image already has the processor's size, else None."""
+        ip = self.processor.image_processor
+        size = (ip.size["width"], ip.size["height"]) if isinstance(ip.size, dict) else None
+        if size is None or any(im.size != size for im in images) or not (ip.do_rescale and ip.do_normalize):
+            return None
+        arr = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) for im in images]))  # (B, H, W, 3)
+        mean = torch.tensor(ip.image_mean, dtype=torch.float32)
+        std = torch.tensor(ip.image_std, dtype=torch.float32)
+        arr = (arr * float(ip.rescale_factor) - mean) / std
+        return arr.permute(0, 3, 1, 2).contiguous().to(self.janus.dtype)
 
     def understanding_batch(self, images, questions, targets, system=None, suffixes=None) -> dict:
         """Model inputs + `labels` for teacher-forced training of the understanding branch.

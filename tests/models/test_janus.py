@@ -172,3 +172,15 @@ def test_describe_prob_and_answer(tiny, prompts):
     answers = tiny.answer(imgs, ["What is this?"] * 3, max_new_tokens=4)
     assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
     assert tiny.describe(imgs[:1], max_new_tokens=4)[0] == r.answer[0][: len(tiny.describe(imgs[:1], 4)[0])]
+
+
+def test_fast_understanding_inputs_equal_the_processor(tiny, prompts):
+    imgs = [row[0] for row in tiny.generate_images(prompts, num_images=1, seed=0).images]
+    questions = ["Does this image describe a red circle? Answer Yes or No.", "x", "Describe the image."]
+    ours = tiny._understanding_inputs(imgs, questions)
+    texts = [tiny._chat([{"type": "image"}, {"type": "text", "text": " " + q}]) for q in questions]
+    theirs = tiny.processor(text=texts, images=imgs, padding=True, return_tensors="pt")
+    for key in ("input_ids", "attention_mask", "pixel_values"):
+        torch.testing.assert_close(ours[key], theirs[key], atol=1e-6, rtol=0)
+    other_size = [im.resize((40, 40)) for im in imgs]  # falls back to the processor, which resizes
+    assert tiny._understanding_inputs(other_size, questions)["pixel_values"].shape == theirs["pixel_values"].shape
