@@ -29,7 +29,8 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image
-from transformers import StaticCache
+from transformers import GenerationConfig, StaticCache
+from transformers.generation.utils import GenerationMixin
 
 from models import decode
 from models.base import (
@@ -348,8 +349,10 @@ class JanusUnified:
         if len(images) != len(questions):
             raise ValueError(f"{len(images)} images but {len(questions)} questions")
         inputs = self._understanding_inputs(images, questions, system)
-        out = self.janus.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                  pad_token_id=self.pad_id, eos_token_id=self.tokenizer.eos_token_id)
+        gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.pad_id,
+                                   eos_token_id=self.tokenizer.eos_token_id, bos_token_id=self.bos_id)
+        # GenerationMixin.generate is what Janus' text mode calls; going direct avoids its CFG-argument noise
+        out = GenerationMixin.generate(self.janus, **inputs, generation_config=gen_cfg)
         new = out[:, inputs["input_ids"].shape[1]:]
         return [s.strip() for s in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
