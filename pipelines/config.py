@@ -81,6 +81,9 @@ class PromptsConfig:
     source: str = _f("shapes", "'shapes' (built-in world) or a .jsonl/.csv/.parquet with `prompt`.")
     split: Literal["train", "heldout", "all"] = _f("train", "Which prompts to train on.")
     limit: Optional[int] = _f(None, "Keep at most this many prompts (after filtering).", ge=1)
+    per_round: Optional[int] = _f(
+        None, "Prompts per round, a rotating slice of the prompt list (None = all, every round); "
+        "the curriculum replays earlier rounds' discard pools on top.", ge=1)
     max_prompt_tokens: int = _f(64, "Prompts longer than this (in tokens) are skipped.", ge=1)
     extra_sources: list[str] = _f([], "More prompt files, e.g. the serve contradiction log.")
 

@@ -1,0 +1,160 @@
+"""The second half of a round: train, evaluate, audit, promote -- and the base-model evaluation.
+
+Where it fits: called through `pipelines.rounds` by the driver's round function. Same convention as
+there: each stage returns `(result, info)`. Training runs on Ray Train (`trainers.train`), the
+evaluation runs as a Ray task (so on a cluster it lands on a GPU node), the audit is a pure decision.
+
+Example:
+    >>> result, info = train(ctx, 1, pooled, adapter=None)   # adapters/round_1, or skipped
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+from typing import Any, Optional
+
+import pyarrow.fs as pafs
+
+from pipelines.config import Config, derive_seed
+from pipelines.store import RunStore
+
+
+# ------------------------------------------------------------------ train
+def train_args(cfg: Config, k: int, init_adapter: Optional[str], storage_path: str):
+    from models.lora import LoraSpec
+    from trainers.train import TrainArgs
+
+    t, lora = cfg.train, cfg.model.lora
+    return TrainArgs(
+        objective=t.objective, model_path=cfg.model.path, model_dtype=cfg.model.dtype, init_adapter=init_adapter,
+        lora=LoraSpec(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules,
+                      modules_to_save=list(lora.modules_to_save)),
+        num_workers=t.num_workers, use_gpu=t.use_gpu, cpus_per_worker=t.cpus_per_worker, lr=t.lr, epochs=t.epochs,
+        max_steps=t.steps, batch_size=t.batch_size, grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm,
+        warmup_steps=t.warmup_steps, lr_schedule=t.lr_schedule, beta=t.beta, loss_type=t.loss_type,
+        label_smoothing=t.label_smoothing, precision=t.precision, strategy=t.strategy,
+        max_failures=t.max_failures, checkpoint_every=t.checkpoint_every,
+        seed=derive_seed(cfg.run.seed, k, "train"), storage_path=storage_path, run_name=f"round_{k}")
+
+
+def _ray_task(cfg: Config, fn, *args):
+    """Run `fn(*args)` as a Ray task with the generation actors' resources (a GPU on a cluster)."""
+    import ray
+
+    gpus = cfg.generate.num_gpus_per_actor
+    return ray.get(ray.remote(num_cpus=1, num_gpus=gpus or None, max_retries=1)(fn).remote(*args))
+
+
+def _ref_logprobs(cfg: Config, adapter: Optional[str], pairs: list[dict]) -> list[dict]:
+    from trainers.train import precompute_ref_logprobs
+
+    return precompute_ref_logprobs(cfg.model.path, adapter, pairs, dtype=cfg.model.dtype,
+                                   device="cuda" if cfg.generate.num_gpus_per_actor else "cpu")
+
+
+def train(ctx, k: int, pooled: dict, adapter: Optional[str]):
+    """LoRA post-training on the round's SFT set or DPO pairs; starts from the round's start adapter."""
+    from trainers.train import train_adapter
+
+    cfg, store = ctx.cfg, ctx.store
+    key = "sft" if cfg.train.objective == "sft" else "pairs"
+    rows = pooled[key]
+    if len(rows) < cfg.train.num_workers:
+        reason = f"{len(rows)} {key} rows for {cfg.train.num_workers} workers: nothing to train on"
+        return {"adapter_round": None, "metrics": {}}, {"skipped": reason, "rows": len(rows)}
+    rows = rows.to_dict("records")
+    if cfg.train.objective == "dpo":  # reference log-probs once, before training: no resident reference model
+        rows = _ray_task(cfg, _ref_logprobs, cfg, adapter, rows)
+    local = isinstance(store.fs, pafs.LocalFileSystem)
+    storage = store.path("train") if local else store.uri + "/train"
+    out_dir = store.adapter_dir(k) if local else tempfile.mkdtemp(prefix="unigap-adapter-")
+    if local and os.path.isdir(out_dir):
+        shutil.rmtree(out_dir)  # a crashed earlier attempt; the stage was never marked done
+    result = train_adapter(train_args(cfg, k, adapter, storage), rows, out_dir)
+    if not local:
+        pafs.copy_files(out_dir, store.adapter_dir(k), source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=store.fs)
+    final = {f"train/{m}": float(v) for m, v in result.metrics.items() if isinstance(v, (int, float))}
+    info = {"rows": len(rows), "steps": len(result.history), "loss": final.get("train/loss", float("nan"))}
+    return {"adapter_round": k, "metrics": final}, info
+
+
+# ------------------------------------------------------------------ evaluate
+def _evaluate_task(cfg: Config, adapter: Optional[str], heldout: list[dict], base_pairs):
+    from models.loading import load_model
+    from pipelines.audit import make_external_judge
+    from pipelines.evaluate import evaluate_round
+
+    model = load_model(cfg.model.path, cfg.model.dtype, "cuda" if cfg.generate.num_gpus_per_actor else "cpu",
+                       adapter=adapter, judge_mode=cfg.judge.mode)
+    judge = make_external_judge(cfg.audit)
+    return evaluate_round(model, judge, heldout, cfg.eval, cfg.judge.mode or model.default_judge_mode,
+                          base_pairs=base_pairs)
+
+
+def evaluate(ctx, k: int, trained: dict):
+    """Held-out metrics of the round's model (the new adapter; the start model if training skipped)."""
+    from pipelines.rounds import adapter_path
+
+    start = ctx.store.pointer("best") or 0
+    model_round = trained.get("adapter_round") or start
+    base = ctx.store.read_table(0, "evaluate", "pairs").to_pandas() if k else None
+    out = _ray_task(ctx.cfg, _evaluate_task, ctx.cfg, adapter_path(ctx.store, model_round), ctx.heldout, base)
+    metrics = out.metrics
+    info = {"model_round": model_round, "gen_accuracy": metrics.get("eval/gen_accuracy"),
+            "und_accuracy": metrics.get("eval/und_accuracy")}
+    return {"metrics": metrics, "model_round": model_round, "samples": out.samples, "pairs": out.pairs}, info
+
+
+def evaluate_base(ctx) -> dict:
+    """Round 0: the base model's held-out metrics; it is the first `best`."""
+    evaluated = ctx.stage(0, "evaluate", lambda: evaluate(ctx, 0, {"adapter_round": None}))
+    if ctx.store.pointer("best") is None:
+        ctx.store.set_pointer("best", 0)
+        ctx.store.set_pointer("latest", 0)
+    ctx.tracker.log_samples(0, evaluated["samples"])
+    return {"round": 0, "start": None, "decision": {"promote": True, "degraded": False, "reason": "base model"},
+            "metrics": evaluated["metrics"]}
+
+
+# ------------------------------------------------------------------ audit / promote
+def audit(ctx, k: int, evaluated: dict):
+    """Compare with the best promoted round by the external metric; flag co-degradation."""
+    from pipelines.audit import audit_vs_best as decide
+
+    store = ctx.store
+    best = store.pointer("best") or 0
+    best_metrics = store.stage_info(best, "evaluate")["result"]["metrics"]
+    if evaluated["model_round"] != k:  # training was skipped: there is no new model to promote
+        decision = {"promote": False, "degraded": False, "reason": "no new adapter (training skipped)",
+                    "best_round": best}
+    else:
+        decision = dataclasses.asdict(decide(best, best_metrics, k, evaluated["metrics"], ctx.cfg.audit))
+    info = {"decision": "promote" if decision["promote"] else ("degraded" if decision["degraded"] else "keep")}
+    return decision, info
+
+
+def promote(store: RunStore, k: int, decision: dict):
+    """Move `latest` to k; move `best` to k only when the audit says so (a worse round is never promoted)."""
+    store.set_pointer("latest", k)
+    if decision["promote"]:
+        store.set_pointer("best", k)
+    best = store.pointer("best")
+    return {"best": best}, {"best": best}
+
+
+def round_metrics(k: int, judged, pooled: dict, trained: dict, decision: dict, timings: dict) -> dict[str, Any]:
+    """Per-round scalars for W&B and the report, besides the evaluation's own."""
+    from pipelines.pools import nonunified_score
+
+    counts = pooled["data"]["pool"].value_counts()
+    own = nonunified_score(judged).to_metrics()
+    out = {f"train_set/{name}": int(counts.get(name, 0)) for name in ("accepted", "rejected", "uncertain")}
+    out.update({f"train_set/{m}": v for m, v in own.items()})
+    out.update(trained.get("metrics", {}))
+    out.update({"audit/degraded": float(decision["degraded"]), "audit/promoted": float(decision["promote"])})
+    out.update(timings)
+    return out

@@ -1,0 +1,172 @@
+"""The stages of a round, as the driver calls them: thin glue over the pure core and the Ray edge.
+
+Where it fits: `pipelines/driver.py` reads as the list of stages; this module holds what each stage
+does. Every stage function returns `(result, info)`: `result` is a DataFrame or a dict whose
+DataFrame values become Parquet tables of the stage and whose other values must be JSON-able;
+`info` is the small summary kept in the manifest. `save_stage` / `load_stage` persist and restore
+exactly that, so a resumed run sees the same values as an uninterrupted one.
+
+Example:
+    >>> rounds.round_prompts(ctx, 2)   # the prompts of round 2 (rotation + curriculum replay)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import pandas as pd
+import pyarrow.fs as pafs
+
+from pipelines import pools as P
+from pipelines import stages
+from pipelines.config import Config, derive_seed
+from pipelines.prompts import load_prompts
+from pipelines.store import RunStore, RunStoreError
+
+TABLES_KEY, RESULT_KEY = "tables", "result"
+
+
+# ------------------------------------------------------------------ persistence of stage results
+def save_stage(store: RunStore, k: int, name: str, result: Any, info: dict) -> None:
+    tables, values = {}, {}
+    items = {"data": result} if isinstance(result, pd.DataFrame) else dict(result or {})
+    for key, value in items.items():
+        (tables if isinstance(value, pd.DataFrame) else values)[key] = value
+    store.clear_stage(k, name)  # an earlier crashed attempt leaves nothing behind
+    for key, df in tables.items():
+        store.write_table(k, name, df, name=key)
+    store.mark_done(k, name, {**info, TABLES_KEY: sorted(tables), RESULT_KEY: values})
+
+
+def load_stage(store: RunStore, k: int, name: str) -> Any:
+    info = store.stage_info(k, name)
+    tables = {t: store.read_table(k, name, t).to_pandas() for t in info.get(TABLES_KEY, [])}
+    if list(tables) == ["data"] and not info.get(RESULT_KEY):
+        return tables["data"]
+    return {**info.get(RESULT_KEY, {}), **tables}
+
+
+def progress(k: int, stage: str, info: dict, resumed: bool = False) -> str:
+    """One console line per stage."""
+    keys = [x for x in ("rows", "prompts", "accepted", "rejected", "uncertain", "nonunified", "replayed",
+                        "admitted", "steps", "loss", "gen_accuracy", "und_accuracy", "decision", "best")
+            if x in info]
+    shown = " ".join(f"{x}={info[x]:.3f}" if isinstance(info[x], float) else f"{x}={info[x]}" for x in keys)
+    return f"[round {k}] {stage:<9} {'resumed' if resumed else 'done':<7} {info.get('seconds', 0):7.1f}s  {shown}"
+
+
+# ------------------------------------------------------------------ prompts and adapters
+def load_prompt_sets(cfg: Config, store: RunStore) -> tuple[list[dict], list[dict]]:
+    """(training prompts, held-out evaluation prompts); bad rows are counted into the run dir."""
+    import json
+
+    p = cfg.prompts
+    train, report = load_prompts(p.source, split=p.split, limit=p.limit, max_tokens=p.max_prompt_tokens,
+                                 extra_sources=p.extra_sources)
+    heldout, _ = load_prompts(p.source, split="heldout", limit=cfg.eval.num_prompts)
+    if not train:
+        raise ValueError(f"prompts.source={p.source!r} gave no usable training prompts ({report.as_dict()})")
+    if not heldout:
+        raise ValueError(f"prompts.source={p.source!r} has no held-out prompts (a `split` column with "
+                         "'heldout' rows) to evaluate on")
+    store.write_bytes("prompts_report.json", json.dumps(report.as_dict(), indent=1).encode())
+    return train, heldout
+
+
+def round_prompts(ctx, k: int) -> list[dict]:
+    """Round k's prompts: a rotating slice of the training prompts, plus (curriculum, Algorithm 2)
+    earlier rounds' discard-pool prompts not admitted since, replayed with the current model."""
+    cfg, prompts = ctx.cfg, ctx.prompts
+    n = cfg.prompts.per_round or len(prompts)
+    start = ((k - 1) * n) % len(prompts)
+    chosen = [prompts[(start + i) % len(prompts)] for i in range(min(n, len(prompts)))]
+    rows = [{**r, "replayed": False} for r in chosen]
+    c = cfg.curriculum
+    if c.enabled and k >= c.start_round:
+        have = {r["prompt_id"] for r in rows}
+        replay = [r for r in open_discards(ctx.store, k) if r["prompt_id"] not in have][: c.max_replay]
+        rows += [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "category": r["category"], "replayed": True}
+                 for r in replay]
+    return rows
+
+
+def open_discards(store: RunStore, k: int) -> list[dict]:
+    """Prompts discarded in rounds < k and not accepted in any later round (first-seen order)."""
+    open_: dict[str, dict] = {}
+    for j in range(1, k):
+        if not store.is_done(j, "pool"):
+            continue
+        for row in store.read_table(j, "pool", "discard").to_pylist():
+            open_.setdefault(row["prompt_id"], row)
+        for pid in store.stage_info(j, "pool")[RESULT_KEY].get("accepted_prompt_ids", []):
+            open_.pop(pid, None)
+    return list(open_.values())
+
+
+def adapter_path(store: RunStore, k: int) -> Optional[str]:
+    """A local path of round k's adapter (None for round 0 = the base model)."""
+    if not k:
+        return None
+    src = store.adapter_dir(k)
+    if isinstance(store.fs, pafs.LocalFileSystem):
+        return src
+    local = os.path.join(os.path.expanduser("~/.cache/unigap/adapters"), store.run_name, f"round_{k}")
+    if not os.path.isdir(local):  # remote run store: fetch once, verified on load
+        pafs.copy_files(src, local, source_filesystem=store.fs, destination_filesystem=pafs.LocalFileSystem())
+    return local
+
+
+# ------------------------------------------------------------------ generate / judge / pool
+def generate(cfg: Config, prompts: list[dict], k: int, adapter: Optional[str]):
+    df = stages.generate_table(prompts, cfg, round_=k, adapter=adapter)
+    return df, {"prompts": len(prompts), "rows": len(df), "adapter_round": adapter and os.path.basename(adapter)}
+
+
+def judge(cfg: Config, samples: pd.DataFrame, k: int, adapter: Optional[str]):
+    df = stages.judge_table(samples, cfg, adapter=adapter)
+    if cfg.judge.corrupt != "none":  # control arm: the judge is corrupted on purpose
+        raw = df["score"].copy()
+        df = P.corrupt_scores(df, cfg.judge.corrupt, seed=derive_seed(cfg.run.seed, k, "corrupt"))
+        df["raw_score"] = raw.values
+    ns = P.nonunified_score(df)
+    return df, {"rows": len(df), "invalid": int((~df["valid"]).sum()), "nonunified": ns.overall.rate,
+                "corrupt": cfg.judge.corrupt}
+
+
+def pool(ctx, k: int, judged: pd.DataFrame, prompts: list[dict]):
+    """Pools, human labels (if `labels/round_<k>.csv|parquet` exists), training sets, review export."""
+    from pipelines.review import apply_labels, export_review, import_labels
+
+    cfg, store = ctx.cfg, ctx.store
+    pooled = P.assign_pools(judged, cfg.pools.accept_threshold, cfg.pools.reject_threshold)
+    for ext in ("csv", "parquet"):
+        labels = store.path("labels", f"round_{k}.{ext}")
+        if store.fs.get_file_info(labels).type == pafs.FileType.File:
+            pooled = apply_labels(pooled, import_labels(labels if "://" not in store.uri else store.uri + f"/labels/round_{k}.{ext}"))
+    discard = P.discard_pool(pooled)
+    pairs = P.dpo_pairs(pooled, cfg.pairs.strategy, cfg.pairs.margin, cfg.pairs.max_pairs_per_prompt,
+                        seed=derive_seed(cfg.run.seed, k, "pairs"))
+    if cfg.pools.review_sample and (pooled["pool"] == "uncertain").any():
+        export_review(pooled, os.path.join(store.uri, f"round_{k}", "review"), cfg.pools.review_sample,
+                      cfg.pools.review_seed)
+    accepted_ids = sorted(set(pooled.loc[pooled["pool"] == "accepted", "prompt_id"]))
+    replayed = {r["prompt_id"] for r in prompts if r.get("replayed")}
+    counts = pooled["pool"].value_counts().to_dict()
+    info = {"accepted": int(counts.get("accepted", 0)), "rejected": int(counts.get("rejected", 0)),
+            "uncertain": int(counts.get("uncertain", 0)), "discarded_prompts": len(discard),
+            "pairs": len(pairs), "replayed": len(replayed), "admitted": len(replayed & set(accepted_ids))}
+    result = {"data": pooled, "sft": P.sft_set(pooled), "pairs": pairs, "discard": discard,
+              "accepted_prompt_ids": accepted_ids}
+    return result, info
+
+
+# ------------------------------------------------------------------ train / evaluate / audit / promote
+from pipelines.improve import audit, evaluate, evaluate_base, promote, round_metrics, train  # noqa: E402,F401
+
+
+def write_report(ctx, history: list[dict]) -> str:
+    """runs/<run>/report.md with the metrics plot and the before/after grid."""
+    from pipelines.report import write_report as write
+
+    return write(ctx.store, history)
