@@ -49,6 +49,12 @@ def _worker_setup(num_threads: Optional[int] = None) -> None:
     torch.set_num_threads(num_threads or max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
 
 
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
 def _png(image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
@@ -92,6 +98,7 @@ class GenerateUDF:
             "seed": out.seeds.reshape(-1).numpy().astype(np.int64),
             "image_tokens": tokens,
             "png": np.array([_png(im) for row in out.images for im in row], dtype=object),
+            "node_id": np.array([_node_id()] * (len(ids) * n), dtype=object),  # where it ran (cluster checks)
         }
 
 
@@ -114,6 +121,7 @@ class JudgeUDF:
         out["valid"] = np.array(verdict.valid, dtype=bool)
         out["answer"] = np.array(verdict.answer, dtype=object)
         out["judge_mode"] = np.array([self.mode] * len(images), dtype=object)
+        out["judge_node_id"] = np.array([_node_id()] * len(images), dtype=object)
         return out
 
 

@@ -55,7 +55,7 @@ def test_two_rounds_end_to_end(finished):
     manifest = json.loads((run_dir / "manifest.json").read_text())
     for k in (1, 2):
         stages = manifest["rounds"][str(k)]["stages"]
-        assert list(stages) == ["generate", "judge", "pool", "train", "evaluate", "audit", "promote"]
+        assert set(stages) == {"generate", "judge", "pool", "train", "evaluate", "audit", "promote"}
     assert "evaluate" in manifest["rounds"]["0"]["stages"]
     assert manifest["pointers"]["latest"] == 2 and manifest["pointers"]["best"] in (0, 1, 2)
     assert (run_dir / "report.md").is_file()
