@@ -42,6 +42,7 @@ from models.base import (
     JudgeResult,
 )
 
+DECODE_CHUNK = 8  # images per VQ-decoder call (fixed, see decode_tokens)
 DESCRIBE_QUESTION = "Does this image describe {prompt}? Describe the image, then answer Yes or No."
 _SCORE_RE = re.compile(r"score\s*is\s*:?\s*\{?\s*([01])\s*\}?(?![\d.]*\d)", re.IGNORECASE)
 
@@ -246,9 +247,14 @@ class JanusUnified:
         tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
         if tokens.ndim != 2 or tokens.shape[1] != self.num_image_tokens:
             raise ValueError(f"image tokens must have shape (M, {self.num_image_tokens}), got {tuple(tokens.shape)}")
-        out = []
-        for lo in range(0, tokens.shape[0], 64):
-            pix = self.janus.decode_image_tokens(tokens[lo:lo + 64]).float()  # (m, H, W, C)
+        out, chunk = [], DECODE_CHUNK
+        for lo in range(0, tokens.shape[0], chunk):
+            part = tokens[lo:lo + chunk]
+            # Always decode exactly `chunk` images (pad the last chunk): convolution kernels can pick
+            # other algorithms for other batch sizes, and an image's pixels must not depend on the
+            # batch it was generated in (1 vs 2 actors, batch sizes, serve batching).
+            padded = torch.cat([part, part.new_zeros(chunk - part.shape[0], part.shape[1])]) if part.shape[0] < chunk else part
+            pix = self.janus.decode_image_tokens(padded)[: part.shape[0]].float()  # (m, H, W, C)
             arr = ((pix.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
             out.extend(Image.fromarray(a) for a in arr)
         return out

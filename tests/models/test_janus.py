@@ -184,3 +184,12 @@ def test_fast_understanding_inputs_equal_the_processor(tiny, prompts):
         torch.testing.assert_close(ours[key], theirs[key], atol=1e-6, rtol=0)
     other_size = [im.resize((40, 40)) for im in imgs]  # falls back to the processor, which resizes
     assert tiny._understanding_inputs(other_size, questions)["pixel_values"].shape == theirs["pixel_values"].shape
+
+
+def test_decoded_pixels_do_not_depend_on_the_batch(tiny):
+    tokens = torch.randint(0, 64, (11, tiny.num_image_tokens), generator=torch.Generator().manual_seed(0))
+    together = [np.asarray(im) for im in tiny.decode_tokens(tokens)]
+    alone = [np.asarray(tiny.decode_tokens(tokens[i:i + 1])[0]) for i in range(11)]
+    shifted = [np.asarray(im) for im in tiny.decode_tokens(tokens[3:])]
+    assert all(np.array_equal(a, b) for a, b in zip(together, alone))
+    assert all(np.array_equal(a, b) for a, b in zip(together[3:], shifted))
