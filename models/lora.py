@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,9 +90,32 @@ def write_checksums(directory: str | os.PathLike, files=ADAPTER_FILES) -> dict[s
     return sums
 
 
+def fetch_adapter(directory: str | os.PathLike) -> Path:
+    """A local directory for an adapter path or URI (s3://, gs://, file://): remote adapters are
+    copied once into ~/.cache/unigap/adapters/<sha1 of the URI> (every load still verifies them)."""
+    text = str(directory)
+    if "://" not in text:
+        return Path(directory)
+    import pyarrow.fs as pafs
+
+    local = Path(os.path.expanduser("~/.cache/unigap/adapters")) / hashlib.sha1(text.encode()).hexdigest()[:16]
+    if not (local / CHECKSUM_FILE).is_file():
+        fs, path = pafs.FileSystem.from_uri(text)
+        if fs.get_file_info(path).type != pafs.FileType.Directory:
+            raise AdapterError(f"adapter directory {text} does not exist")
+        tmp = local.with_name(local.name + f".tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        if local.exists():  # another process fetched it meanwhile
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.replace(tmp, local)
+    return local
+
+
 def verify_adapter(directory: str | os.PathLike) -> dict[str, str]:
-    """Check an adapter directory against its SHA256SUMS; raise AdapterError naming the problem."""
-    d = Path(directory)
+    """Check an adapter directory (path or URI) against its SHA256SUMS; raise AdapterError naming the problem."""
+    d = fetch_adapter(directory)
     if not d.is_dir():
         raise AdapterError(f"adapter directory {d} does not exist")
     for f in ADAPTER_FILES + (CHECKSUM_FILE,):
@@ -129,7 +153,7 @@ def save_adapter(m: JanusUnified, directory: str | os.PathLike) -> dict[str, str
 def load_adapter(m: JanusUnified, directory: str | os.PathLike, trainable: bool = False) -> JanusUnified:
     """Verify the checksum, then load the adapter onto `m`'s base model. Returns a new wrapper."""
     verify_adapter(directory)
-    peft_model = PeftModel.from_pretrained(m.janus, str(directory), is_trainable=trainable)
+    peft_model = PeftModel.from_pretrained(m.janus, str(fetch_adapter(directory)), is_trainable=trainable)
     if not trainable:
         peft_model.eval()
     return JanusUnified(peft_model, m.processor, m.default_judge_mode, m.fast_decode)

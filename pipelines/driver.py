@@ -112,7 +112,9 @@ def connect_ray(cfg: Config) -> None:
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     address = os.environ.get("RAY_ADDRESS") or cfg.ray.address
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    if address:
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # inside `ray job submit` / a RayJob: the job's
+        ray.init(address=address or "auto", log_to_driver=False)  # runtime env applies; don't fight it
+    elif address:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
     else:
         ray.init(num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_mb * 1024**2,

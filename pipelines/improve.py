@@ -90,7 +90,7 @@ def _evaluate_task(cfg: Config, adapter: Optional[str], heldout: list[dict], bas
 
     model = load_model(cfg.model.path, cfg.model.dtype, "cuda" if cfg.generate.num_gpus_per_actor else "cpu",
                        adapter=adapter, judge_mode=cfg.judge.mode)
-    judge = make_external_judge(cfg.audit)
+    judge = make_external_judge(cfg.audit, dtype=cfg.model.dtype, device=cfg.model.device)
     return evaluate_round(model, judge, heldout, cfg.eval, cfg.judge.mode or model.default_judge_mode,
                           base_pairs=base_pairs)
 

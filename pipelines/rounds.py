@@ -105,16 +105,13 @@ def open_discards(store: RunStore, k: int) -> list[dict]:
 
 
 def adapter_path(store: RunStore, k: int) -> Optional[str]:
-    """A local path of round k's adapter (None for round 0 = the base model)."""
+    """Round k's adapter as every node can reach it: a local path, or the run store's URI (fetched
+    and verified where it is loaded, models.lora.fetch_adapter). None for round 0 = the base model."""
     if not k:
         return None
-    src = store.adapter_dir(k)
     if isinstance(store.fs, pafs.LocalFileSystem):
-        return src
-    local = os.path.join(os.path.expanduser("~/.cache/unigap/adapters"), store.run_name, f"round_{k}")
-    if not os.path.isdir(local):  # remote run store: fetch once, verified on load
-        pafs.copy_files(src, local, source_filesystem=store.fs, destination_filesystem=pafs.LocalFileSystem())
-    return local
+        return store.adapter_dir(k)
+    return store.uri.rstrip("/") + f"/adapters/round_{k}"
 
 
 # ------------------------------------------------------------------ generate / judge / pool

@@ -84,3 +84,12 @@ def test_bad_model_paths_are_named(tmp_path):
         load_model("./does/not/exist")
     with pytest.raises(ModelLoadError, match="dtype"):
         load_model("tiny", dtype="float64")
+
+
+def test_adapter_uri_is_fetched_and_verified(adapter_dir, monkeypatch, tmp_path):
+    d, tokens = adapter_dir
+    monkeypatch.setenv("HOME", str(tmp_path))  # the local adapter cache lives under ~/.cache
+    loaded = load_adapter(build_tiny(), f"file://{d}")
+    assert torch.equal(loaded.generate_images(P, 2, seed=3).tokens, tokens)
+    with pytest.raises(AdapterError, match="does not exist"):
+        verify_adapter(f"file://{tmp_path}/nothing-here")
