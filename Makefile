@@ -18,7 +18,7 @@ $(BIN)/unigap: pyproject.toml
 install: $(BIN)/unigap
 
 run: install
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/unigap demo
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/unigap run configs/shapes.yaml
 
 demo: install
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/unigap demo

@@ -242,12 +242,35 @@ HASH_EXCLUDE: tuple[str, ...] = (
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Read a YAML file (None = all defaults), apply dotted overrides, type-check and validate."""
-    raw: Any = {}
-    if path is not None:
-        with open(path, encoding="utf-8") as fh:
-            raw = yaml.safe_load(fh)
-    return config_from_dict(raw if raw is not None else {}, overrides)
+    """Read a YAML file (None = all defaults), apply dotted overrides, type-check and validate.
+
+    A file may start from another with `extends: <path relative to it>`; its own keys win
+    (section by section), so an experiment file lists only what it changes.
+    """
+    return config_from_dict(_read_yaml(path, ()) if path is not None else {}, overrides)
+
+
+def _read_yaml(path: str | os.PathLike, seen: tuple[str, ...]) -> dict:
+    real = os.path.realpath(path)
+    if real in seen:
+        raise ConfigError("extends", f"{path} extends itself (cycle: {' -> '.join(seen + (real,))})")
+    if not os.path.isfile(path):
+        raise ConfigError("extends" if seen else "config", f"config file {path} does not exist")
+    with open(path, encoding="utf-8") as fh:
+        raw = yaml.safe_load(fh)
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError("config", f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    base = _read_yaml(os.path.join(os.path.dirname(path), str(parent)), seen + (real,))
+    for section, values in raw.items():
+        if isinstance(values, dict) and isinstance(base.get(section), dict):
+            base[section] = {**base[section], **values}
+        else:
+            base[section] = values
+    return base
 
 
 def config_from_dict(data: Mapping[str, Any], overrides: Sequence[str] = ()) -> Config:

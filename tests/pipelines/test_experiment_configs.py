@@ -1,0 +1,50 @@
+"""configs/experiments/*.yaml: each extends shapes.yaml and changes only what its name says."""
+
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import ConfigError, flatten_config, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+EXPERIMENTS = REPO / "configs" / "experiments"
+EXPECTED = {
+    "sft": {"train.objective": "sft"},
+    "dpo": {"train.objective": "dpo"},
+    "c-sft": {"train.objective": "sft", "curriculum.enabled": True, "curriculum.start_round": 2},
+    "c-dpo": {"train.objective": "dpo", "curriculum.enabled": True, "curriculum.start_round": 2},
+    "judge-random": {"judge.corrupt": "random"},
+    "judge-inverted": {"judge.corrupt": "inverted"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_experiment_extends_the_default(name):
+    base = flatten_config(load_config(REPO / "configs" / "shapes.yaml"))
+    cfg = flatten_config(load_config(EXPERIMENTS / f"{name}.yaml"))
+    changed = {k: v for k, v in cfg.items() if base.get(k) != v}
+    assert cfg["run.name"] == name and cfg["wandb.group"] == "shapes-experiments"
+    for key, value in EXPECTED[name].items():
+        assert cfg[key] == value
+    allowed = set(EXPECTED[name]) | {"run.name", "wandb.group", "wandb.tags"}
+    assert set(changed) <= allowed, set(changed) - allowed
+
+
+def test_every_experiment_file_is_tested():
+    assert {p.stem for p in EXPERIMENTS.glob("*.yaml")} == set(EXPECTED)
+
+
+def test_extends_errors_name_the_problem(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="extends itself"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("extends: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml does not exist"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        load_config(tmp_path / "d.yaml")
+    (tmp_path / "e.yaml").write_text("extends: ../nope/x.yaml\ntrain:\n  bta: 1\n")
+    with pytest.raises(ConfigError):
+        load_config(tmp_path / "e.yaml")
