@@ -70,8 +70,22 @@ def load_model(path: str, dtype: str = "float32", device: str = "cpu", adapter: 
     return m
 
 
+def janus_config(path: str):
+    """The JanusConfig at `path` (dir or hub id), with the VQ grid it was trained with.
+
+    JanusConfig re-derives the VQ grid from the vision patch on load; models built with a separate
+    vision patch (models/tiny.py) record the real grid in `vq_num_patches`, restored here.
+    """
+    from transformers import JanusConfig
+
+    config = JanusConfig.from_pretrained(path, trust_remote_code=False)
+    if getattr(config, "vq_num_patches", None):
+        config.vq_config.num_patches = int(config.vq_num_patches)
+    return config
+
+
 def _load_pretrained(path: str, dtype: torch.dtype) -> JanusUnified:
-    from transformers import JanusConfig, JanusForConditionalGeneration, JanusProcessor
+    from transformers import JanusForConditionalGeneration, JanusProcessor
 
     local = os.path.isdir(path)
     if local and not (Path(path) / "config.json").is_file():
@@ -81,11 +95,7 @@ def _load_pretrained(path: str, dtype: torch.dtype) -> JanusUnified:
     if not local and (path.startswith((".", "/", "~")) or path.count("/") != 1):
         raise ModelLoadError(f"model path {path!r} is neither an existing directory nor a hub id (org/name)")
     try:
-        config = JanusConfig.from_pretrained(path, trust_remote_code=False)
-        # JanusConfig re-derives the VQ grid from the vision patch on load; models built with a
-        # separate vision patch (models/tiny.py) record the real grid in `vq_num_patches`.
-        if getattr(config, "vq_num_patches", None):
-            config.vq_config.num_patches = int(config.vq_num_patches)
+        config = janus_config(path)
         model = JanusForConditionalGeneration.from_pretrained(
             path, config=config, dtype=dtype, use_safetensors=True, trust_remote_code=False)
         processor = JanusProcessor.from_pretrained(path, trust_remote_code=False)

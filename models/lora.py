@@ -52,11 +52,10 @@ class LoraSpec:
     modules_to_save: list[str] = field(default_factory=lambda: ["generation_head"])
 
 
-def attach_lora(m: JanusUnified, spec: LoraSpec) -> JanusUnified:
-    """Wrap the model with fresh LoRA layers (peft injects them in place). Returns a new wrapper."""
+def check_lora_spec(spec: LoraSpec, names: list[str]) -> None:
+    """ValueError, before any compute, when `spec` cannot apply to a model with these module names."""
     if spec.r < 1:
         raise ValueError(f"LoRA r must be >= 1, got {spec.r}")
-    names = [n for n, _ in m.janus.named_modules()]
     if isinstance(spec.target_modules, str):
         hits = [n for n in names if re.fullmatch(spec.target_modules, n)]
     else:
@@ -66,6 +65,11 @@ def attach_lora(m: JanusUnified, spec: LoraSpec) -> JanusUnified:
     missing = [s for s in spec.modules_to_save if not any(n.split(".")[-1] == s for n in names)]
     if missing:
         raise ValueError(f"LoRA modules_to_save {missing} match no module of the model")
+
+
+def attach_lora(m: JanusUnified, spec: LoraSpec) -> JanusUnified:
+    """Wrap the model with fresh LoRA layers (peft injects them in place). Returns a new wrapper."""
+    check_lora_spec(spec, [n for n, _ in m.janus.named_modules()])
     config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
                         target_modules=spec.target_modules, modules_to_save=list(spec.modules_to_save))
     peft_model = get_peft_model(m.janus, config)

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -163,17 +162,15 @@ def step_plan(n: int, world: int, rank: int, batch_size: int, grad_accum: int, s
 def model_facts(model_path: str) -> tuple[int, int, list[str]]:
     """(num_image_tokens, codebook size, module names) without loading weights (meta device)."""
     import torch
-    from transformers import JanusConfig, JanusForConditionalGeneration
+    from transformers import JanusForConditionalGeneration
 
-    from models.loading import HUB_IDS, load_model, shapes_checkpoint_dir
+    from models.loading import HUB_IDS, janus_config, load_model, shapes_checkpoint_dir
 
     if model_path == "tiny" or model_path.startswith("tiny:"):
         janus = load_model(model_path).janus  # builds in well under a second
     else:
         path = str(shapes_checkpoint_dir()) if model_path == "shapes" else HUB_IDS.get(model_path.lower(), model_path)
-        config = JanusConfig.from_pretrained(path, trust_remote_code=False)
-        if getattr(config, "vq_num_patches", None):
-            config.vq_config.num_patches = int(config.vq_num_patches)
+        config = janus_config(path)
         with torch.device("meta"):
             janus = JanusForConditionalGeneration(config)
     num_image_tokens = int(janus.config.vq_config.num_patches) ** 2
@@ -182,17 +179,9 @@ def model_facts(model_path: str) -> tuple[int, int, list[str]]:
 
 def check_lora(spec, names: list[str]) -> None:
     """A models.lora.LoraSpec that matches no module is an error before any compute."""
-    if isinstance(spec.target_modules, str):
-        hits = [n for n in names if re.fullmatch(spec.target_modules, n)]
-    else:
-        hits = [n for n in names if any(n == t or n.endswith("." + t) for t in spec.target_modules)]
-    if not hits:
-        raise ValueError(f"LoRA target_modules {spec.target_modules!r} matches no module of the model")
-    missing = [s for s in spec.modules_to_save if not any(n.split(".")[-1] == s for n in names)]
-    if missing:
-        raise ValueError(f"LoRA modules_to_save {missing} match no module of the model")
-    if spec.r < 1:
-        raise ValueError(f"LoRA r must be >= 1, got {spec.r}")
+    from models.lora import check_lora_spec
+
+    check_lora_spec(spec, names)
 
 
 def check_args(a) -> None:
