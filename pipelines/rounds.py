@@ -47,6 +47,16 @@ def load_stage(store: RunStore, k: int, name: str) -> Any:
     return {**info.get(RESULT_KEY, {}), **tables}
 
 
+def run_stage(store: RunStore, k: int, name: str, compute) -> Any:
+    """Resumable stage without the driver's bookkeeping: the stored result when `name` is done,
+    else `compute()` -> (result, info), saved and marked done (a crash before that leaves no mark)."""
+    if store.is_done(k, name):
+        return load_stage(store, k, name)
+    result, info = compute()
+    save_stage(store, k, name, result, info)
+    return result
+
+
 def progress(k: int, stage: str, info: dict, resumed: bool = False) -> str:
     """One console line per stage."""
     keys = [x for x in ("rows", "prompts", "accepted", "rejected", "uncertain", "nonunified", "replayed",

@@ -179,17 +179,3 @@ def judge_table(samples: pd.DataFrame, cfg: Config, adapter: Optional[str] = Non
     if len(df) != len(samples):
         raise RuntimeError(f"stage 'judge': {len(samples)} samples in, {len(df)} judged rows out")
     return df
-
-
-def run_stage(store, round_: int, stage: str, compute, info=None) -> pd.DataFrame:
-    """Resumable stage: return the stored table when `stage` is done, else compute, write, mark done.
-
-    `compute()` returns a DataFrame; `info(df)` the JSON-able summary kept in the manifest.
-    """
-    if store.is_done(round_, stage):
-        return store.read_table(round_, stage).to_pandas()
-    store.clear_stage(round_, stage)  # leftovers of a crashed attempt are never mixed in
-    df = compute()
-    store.write_table(round_, stage, pa.Table.from_pandas(df, preserve_index=False))
-    store.mark_done(round_, stage, info(df) if info else {"rows": len(df)})
-    return df

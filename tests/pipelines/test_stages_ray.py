@@ -11,7 +11,8 @@ import pytest
 
 from pipelines.config import config_from_dict
 from pipelines.schemas import SchemaError
-from pipelines.stages import generate_table, judge_table, run_stage
+from pipelines.rounds import run_stage
+from pipelines.stages import generate_table, judge_table
 from pipelines.store import RunStore
 
 pytestmark = pytest.mark.ray
@@ -111,7 +112,7 @@ def test_killed_actor_loses_and_duplicates_nothing(reference, tmp_path):
 
     t = threading.Thread(target=killer)
     t.start()
-    compute = lambda: generate_table(PROMPTS, cfg, round_=1, slow_s=1.0)  # noqa: E731
+    compute = lambda: (generate_table(PROMPTS, cfg, round_=1, slow_s=1.0), {})  # noqa: E731
     try:
         out = run_stage(store, 1, "generate", compute)
     except Exception:  # failing loudly is allowed; then a rerun must complete
