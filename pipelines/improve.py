@@ -92,7 +92,7 @@ def _evaluate_task(cfg: Config, adapter: Optional[str], heldout: list[dict], bas
                        adapter=adapter, judge_mode=cfg.judge.mode)
     judge = make_external_judge(cfg.audit, dtype=cfg.model.dtype, device=cfg.model.device)
     return evaluate_round(model, judge, heldout, cfg.eval, cfg.judge.mode or model.default_judge_mode,
-                          base_pairs=base_pairs)
+                          generate_cfg=cfg.generate, base_pairs=base_pairs)  # eval samples as the run does
 
 
 def evaluate(ctx, k: int, trained: dict):
