@@ -42,7 +42,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))  # the CLI of the interpreter running the tests
-pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(480)]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 
 WORKER_RESOURCE = "unigap_worker"
 JOB_TIMEOUT_S = 360

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(1200)]  # whole runs of the driver
 
 TINY = ["run.rounds=2", "prompts.limit=6", "prompts.per_round=3", "eval.num_prompts=4", "eval.num_images=2",
         "eval.understanding_pairs=8", "train.num_workers=1", "train.epochs=1", "train.batch_size=4",

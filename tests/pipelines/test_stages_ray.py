@@ -15,7 +15,7 @@ from pipelines.rounds import run_stage
 from pipelines.stages import generate_table, judge_table
 from pipelines.store import RunStore
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
 PROMPTS = [{"prompt_id": f"p{i}", "prompt": p, "category": c} for i, (p, c) in enumerate([
     ("a red circle", "single"), ("two blue squares", "counting"), ("a green triangle", "single"),

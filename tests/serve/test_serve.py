@@ -24,7 +24,7 @@ from pipelines.config import load_config
 from pipelines.store import RunStore
 from serve.client import UnigapClient, UnigapHTTPError, encode_image
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
 KEY_ENV, KEY = "UNIGAP_TEST_SERVE_KEY", "test-key-123"
 PROMPT = "a red circle"
