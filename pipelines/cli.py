@@ -1,8 +1,9 @@
 """The `unigap` command line: one entry point, one subcommand per job.
 
 Where it fits: `pyproject.toml` installs it as the `unigap` console script; `ray job submit -- unigap
-run ...` uses the same entry point on a cluster. Subcommands import their module lazily, so `--help`
-is instant and a missing optional dependency only breaks the subcommand that needs it.
+run ...` uses the same entry point on a cluster. A subcommand's module declares its arguments
+(`add_cli`) and is listed only where it exists; Ray, Serve and torch are imported by the handlers,
+not by `--help` (which still pays for torch through shapes.evaluate: about 3 s).
 
 Example:
     $ unigap --help
@@ -63,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_optional(sub) -> None:
-    """Subcommands owned by other modules: listed only where their module exists (found, not imported,
-    so `--help` stays instant); each module's `add_cli(sub)` declares its own arguments."""
+    """Subcommands owned by other modules, listed only where their module exists; each module's
+    `add_cli(sub)` declares its own arguments."""
     import importlib
     import importlib.util
 
