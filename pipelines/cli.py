@@ -2,8 +2,8 @@
 
 Where it fits: `pyproject.toml` installs it as the `unigap` console script; `ray job submit -- unigap
 run ...` uses the same entry point on a cluster. A subcommand's module declares its arguments
-(`add_cli`) and is listed only where it exists; Ray, Serve and torch are imported by the handlers,
-not by `--help` (which still pays for torch through shapes.evaluate: about 3 s).
+(`add_cli`) and is listed only where it exists; Ray and Serve are imported by the handlers only,
+while `--help` does import torch (through shapes.evaluate: about 3 s).
 
 Example:
     $ unigap --help
