@@ -21,11 +21,8 @@ import logging
 import os
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
-
-import pandas as pd
+from typing import Any, Callable
 
 from pipelines import rounds
 from pipelines.config import Config, load_config

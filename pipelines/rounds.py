@@ -22,7 +22,7 @@ from pipelines import pools as P
 from pipelines import stages
 from pipelines.config import Config, derive_seed
 from pipelines.prompts import load_prompts
-from pipelines.store import RunStore, RunStoreError
+from pipelines.store import RunStore
 
 TABLES_KEY, RESULT_KEY = "tables", "result"
 
@@ -72,16 +72,16 @@ def load_prompt_sets(cfg: Config, store: RunStore) -> tuple[list[dict], list[dic
     import json
 
     p = cfg.prompts
-    train, report = load_prompts(p.source, split=p.split, limit=p.limit, max_tokens=p.max_prompt_tokens,
-                                 extra_sources=p.extra_sources)
+    train_rows, report = load_prompts(p.source, split=p.split, limit=p.limit, max_tokens=p.max_prompt_tokens,
+                                      extra_sources=p.extra_sources)
     heldout, _ = load_prompts(p.source, split="heldout", limit=cfg.eval.num_prompts)
-    if not train:
+    if not train_rows:
         raise ValueError(f"prompts.source={p.source!r} gave no usable training prompts ({report.as_dict()})")
     if not heldout:
         raise ValueError(f"prompts.source={p.source!r} has no held-out prompts (a `split` column with "
                          "'heldout' rows) to evaluate on")
     store.write_bytes("prompts_report.json", json.dumps(report.as_dict(), indent=1).encode())
-    return train, heldout
+    return train_rows, heldout
 
 
 def round_prompts(ctx, k: int) -> list[dict]:
