@@ -147,10 +147,9 @@ def pool(ctx, k: int, judged: pd.DataFrame, prompts: list[dict]):
 
     cfg, store = ctx.cfg, ctx.store
     pooled = P.assign_pools(judged, cfg.pools.accept_threshold, cfg.pools.reject_threshold)
-    for ext in ("csv", "parquet"):
-        labels = store.path("labels", f"round_{k}.{ext}")
-        if store.fs.get_file_info(labels).type == pafs.FileType.File:
-            pooled = apply_labels(pooled, import_labels(labels if "://" not in store.uri else store.uri + f"/labels/round_{k}.{ext}"))
+    for ext in ("csv", "parquet"):  # import_labels resolves local paths and URIs alike
+        if store.fs.get_file_info(store.path("labels", f"round_{k}.{ext}")).type == pafs.FileType.File:
+            pooled = apply_labels(pooled, import_labels(f"{store.uri}/labels/round_{k}.{ext}"))
     discard = P.discard_pool(pooled)
     pairs = P.dpo_pairs(pooled, cfg.pairs.strategy, cfg.pairs.margin, cfg.pairs.max_pairs_per_prompt,
                         seed=derive_seed(cfg.run.seed, k, "pairs"))
