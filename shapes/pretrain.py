@@ -235,7 +235,7 @@ def train_step(m, opt, stage: str, step: int, seed: int, cfg: PretrainConfig, vq
 
 
 @torch.no_grad()
-def probe(m: JanusUnified, stage: str, seed: int, n: int = 48) -> dict:
+def probe(m: JanusUnified, stage: str, seed: int, n: int = 96) -> dict:
     """A small held-out check to see where training stands (full numbers: shapes.evaluate)."""
     from shapes.evaluate import generation_accuracy, understanding_accuracy
 
@@ -249,16 +249,18 @@ def probe(m: JanusUnified, stage: str, seed: int, n: int = 48) -> dict:
 # ----------------------------------------------------------------------------- loop
 
 
-def run_stage(m, opt, stage: str, minutes: float, progress: dict, ctx: dict) -> None:
-    """Train `stage` until its time budget is spent, logging, probing and checkpointing."""
+def run_stage(m, opt, stage: str, minutes: float, progress: dict, ctx: dict, clock: str | None = None,
+              warmup_from: int = 0) -> None:
+    """Train `stage` until its time budget (measured on progress[clock], default "<stage>_s") is
+    spent, logging, probing and checkpointing."""
     cfg, seed, vq, out = ctx["cfg"], ctx["seed"], ctx["vq"], ctx["out"]
-    key, base_lr = f"{stage}_s", (cfg.lr if stage == "understanding" else cfg.gen_lr)
+    key, base_lr = clock or f"{stage}_s", (cfg.lr if stage == "understanding" else cfg.gen_lr)
     window: list[dict] = []
     t0, last_save, last_probe = time.time() - progress.get(key, 0.0), time.time(), time.time()
     while (elapsed := time.time() - t0) < minutes * 60:
         step = progress.setdefault(f"{stage}_steps", 0) + 1
         for g in opt.param_groups:
-            g["lr"] = base_lr * lr_factor(step, elapsed / (minutes * 60), cfg.warmup)
+            g["lr"] = base_lr * lr_factor(step - warmup_from, elapsed / (minutes * 60), cfg.warmup)
         window.append(train_step(m, opt, stage, step, seed, cfg, vq))
         progress[f"{stage}_steps"], progress[key] = step, time.time() - t0
         if step % 25 == 0:
@@ -313,10 +315,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--save-minutes", type=float, default=3.0)
     ap.add_argument("--answer-weight", type=float, default=PretrainConfig.answer_weight)
     ap.add_argument("--modes", default=None, help='judge-mode shares, e.g. "describe_prob=0.9,prob=0.07,binary=0.03"')
+    ap.add_argument("--gen-lr", type=float, default=PretrainConfig.gen_lr)
+    ap.add_argument("--gen-rows", type=int, default=PretrainConfig.gen_rows)
+    ap.add_argument("--mix-images", type=int, default=PretrainConfig.mix_images)
+    ap.add_argument("--extend-generation", type=float, default=0.0, metavar="MINUTES",
+                    help="with --resume after a finished run: one more generation phase of MINUTES with a fresh "
+                         "warm-up-free cosine schedule; the step counter (and so the data stream) continues")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    cfg = PretrainConfig(answer_weight=args.answer_weight)
+    cfg = PretrainConfig(answer_weight=args.answer_weight, gen_lr=args.gen_lr, gen_rows=args.gen_rows,
+                         mix_images=args.mix_images)
     if args.modes:
         cfg.mode_probs = {k: float(v) for k, v in (kv.split("=") for kv in args.modes.split(","))}
     m = build_model(cfg, args.vq, args.seed)
@@ -345,6 +354,16 @@ def main(argv: list[str] | None = None) -> None:
     for g in opt.param_groups:  # stage 2 starts a fresh schedule
         g["lr"] = cfg.gen_lr
     run_stage(m, opt, "generation", args.generation_minutes, progress, ctx)
+    if args.extend_generation > 0:
+        # An extra phase has its own clock (so its own warm-up + cosine) and shares the step counter,
+        # so its batches are new data. A run killed inside the phase resumes inside it.
+        if not progress.get("extra_open"):
+            progress.update(extra_phases=progress.get("extra_phases", 0) + 1, extra_open=True, extra_s=0.0,
+                            extra_start_step=progress["generation_steps"])
+        run_stage(m, opt, "generation", args.extend_generation, progress, ctx, clock="extra_s",
+                  warmup_from=progress["extra_start_step"])
+        progress["extra_open"] = False
+        save_state(m, opt, progress, args.out)
     log(args.out, {"done": True, **{k: v for k, v in progress.items()}})
 
 
