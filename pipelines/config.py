@@ -84,6 +84,7 @@ class PromptsConfig:
     per_round: Optional[int] = _f(
         None, "Prompts per round, a rotating slice of the prompt list (None = all, every round); "
         "the curriculum replays earlier rounds' discard pools on top.", ge=1)
+    shuffle: bool = _f(True, "Shuffle the training prompts once, seeded by run.seed, before rounds slice them.")
     max_prompt_tokens: int = _f(64, "Prompts longer than this (in tokens) are skipped.", ge=1)
     extra_sources: list[str] = _f([], "More prompt files, e.g. the serve contradiction log.")
 

@@ -80,6 +80,10 @@ def load_prompt_sets(cfg: Config, store: RunStore) -> tuple[list[dict], list[dic
     if not heldout:
         raise ValueError(f"prompts.source={p.source!r} has no held-out prompts (a `split` column with "
                          "'heldout' rows) to evaluate on")
+    if p.shuffle:  # sources are often sorted (the shapes world is grouped by category): mix the rounds
+        import random
+
+        random.Random(cfg.run.seed).shuffle(train_rows)
     store.write_bytes("prompts_report.json", json.dumps(report.as_dict(), indent=1).encode())
     return train_rows, heldout
 

@@ -141,3 +141,30 @@ def test_real_shapes_world():
     assert train and heldout and report.kept == len(train)
     assert not {r["prompt_id"] for r in train} & {r["prompt_id"] for r in heldout}
     check_table(train, "prompt", "prompts")
+
+
+def test_rounds_take_rotating_slices_of_a_seeded_shuffle(tmp_path):
+    from types import SimpleNamespace
+
+    from pipelines.rounds import load_prompt_sets, round_prompts
+    from pipelines.store import RunStore
+
+    def rounds(*overrides, name):
+        cfg = load_config(None, [f"run.root={tmp_path}", f"run.name={name}", "prompts.per_round=50", *overrides])
+        train, heldout = load_prompt_sets(cfg, RunStore.from_config(cfg))
+        ctx = SimpleNamespace(cfg=cfg, prompts=train, store=None)
+        return train, heldout, [[r["prompt_id"] for r in round_prompts(ctx, k)] for k in (1, 2, 3)]
+
+    plain, heldout, _ = rounds("prompts.shuffle=false", name="plain")
+    a, heldout_a, slices = rounds("run.seed=1", name="a")
+    b, _, slices_b = rounds("run.seed=1", name="b")
+    c, _, _ = rounds("run.seed=2", name="c")
+    ids = [r["prompt_id"] for r in plain]
+    assert sorted(r["prompt_id"] for r in a) == sorted(ids) and [r["prompt_id"] for r in a] != ids
+    assert slices == slices_b and [r["prompt_id"] for r in c] != [r["prompt_id"] for r in a]  # seeded
+    assert heldout_a == heldout  # evaluation prompts are never reordered
+    assert all(len(s) == 50 for s in slices) and len(set(sum(slices, []))) == 150  # disjoint slices
+    # The unshuffled shapes list is grouped by category (no spatial prompt in its first 50); a
+    # shuffled first round has about the list's share of them (74 %).
+    assert sum(r["category"] == "spatial" for r in plain[:50]) == 0
+    assert sum(r["category"] == "spatial" for r in a[:50]) >= 25
