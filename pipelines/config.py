@@ -326,8 +326,6 @@ def _check_combinations(cfg: Config) -> None:
          "train.objective=dpo needs at least one pair per prompt"),
         ("curriculum.start_round", cfg.curriculum.enabled and cfg.curriculum.start_round > cfg.run.rounds,
          f"{cfg.curriculum.start_round} is after the last round (run.rounds={cfg.run.rounds})"),
-        ("audit.backend", cfg.audit.backend == "oracle" and cfg.prompts.source != "shapes",
-         f"the oracle only knows shapes prompts, but prompts.source={cfg.prompts.source!r}"),
         ("audit.vlm_path", cfg.audit.backend == "vlm" and not cfg.audit.vlm_path,
          "audit.backend=vlm needs a VLM checkpoint path"),
         ("train.label_smoothing", t.loss_type == "ipo" and t.label_smoothing > 0,

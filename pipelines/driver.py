@@ -83,10 +83,11 @@ def run_round(ctx: Ctx, k: int) -> dict:
 def run(cfg: Config) -> dict:
     """All rounds of `cfg` (round 0 = base evaluation); returns the final manifest."""
     store = RunStore.from_config(cfg)
+    prompt_sets = rounds.load_prompt_sets(cfg, store)  # unusable prompt files fail before Ray starts
     connect_ray(cfg)
     from pipelines.tracking import Tracker
 
-    ctx = Ctx(cfg, store, Tracker(cfg, store), *rounds.load_prompt_sets(cfg, store))
+    ctx = Ctx(cfg, store, Tracker(cfg, store), *prompt_sets)
     history = [rounds.evaluate_base(ctx)]
     ctx.tracker.log_round(0, history[0]["metrics"])
     for k in range(1, cfg.run.rounds + 1):

@@ -80,6 +80,16 @@ def load_prompt_sets(cfg: Config, store: RunStore) -> tuple[list[dict], list[dic
     if not heldout:
         raise ValueError(f"prompts.source={p.source!r} has no held-out prompts (a `split` column with "
                          "'heldout' rows) to evaluate on")
+    if cfg.audit.backend == "oracle":  # a prompt file is fine when it speaks the shapes grammar
+        from shapes.world import parse_prompt
+
+        for row in heldout:
+            try:
+                parse_prompt(row["prompt"])
+            except ValueError:
+                raise ValueError(f"audit.backend=oracle judges shapes-world prompts only, but held-out prompt "
+                                 f"{row['prompt']!r} of prompts.source={p.source!r} is not one; "
+                                 "use audit.backend=vlm for other prompts") from None
     if p.shuffle:  # sources are often sorted (the shapes world is grouped by category): mix the rounds
         import random
 

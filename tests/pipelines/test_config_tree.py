@@ -102,7 +102,6 @@ def test_unknown_yaml_key_suggests(tmp_path):
     (["pools.accept_threshold=0.3", "pools.reject_threshold=0.5"], "pools.accept_threshold"),
     (["train.objective=dpo", "pairs.max_pairs_per_prompt=0"], "pairs.max_pairs_per_prompt"),
     (["curriculum.enabled=true", "curriculum.start_round=4", "run.rounds=3"], "curriculum.start_round"),
-    (["prompts.source=data/p.jsonl"], "audit.backend"),
     (["audit.backend=vlm"], "audit.vlm_path"),
     (["train.loss_type=ipo", "train.label_smoothing=0.1"], "train.label_smoothing"),
     (["train.steps=5", "train.warmup_steps=10"], "train.warmup_steps"),

@@ -168,3 +168,22 @@ def test_rounds_take_rotating_slices_of_a_seeded_shuffle(tmp_path):
     # shuffled first round has about the list's share of them (74 %).
     assert sum(r["category"] == "spatial" for r in plain[:50]) == 0
     assert sum(r["category"] == "spatial" for r in a[:50]) >= 25
+
+
+def test_oracle_audit_takes_a_file_of_shapes_prompts_and_names_a_foreign_one(tmp_path):
+    from pipelines.rounds import load_prompt_sets
+    from pipelines.store import RunStore
+
+    good = _jsonl(tmp_path / "good.jsonl", [{"prompt": "a red circle", "split": "train"},
+                                             {"prompt": "a blue square", "split": "heldout"}])
+    bad = _jsonl(tmp_path / "bad.jsonl", [{"prompt": "a red circle", "split": "train"},
+                                           {"prompt": "a cat on a mat", "split": "heldout"}])
+    for name, src in (("good", good), ("bad", bad)):
+        cfg = load_config(None, [f"run.root={tmp_path}", f"run.name={name}", f"prompts.source={src}"])
+        assert cfg.audit.backend == "oracle"
+        if name == "good":
+            train, heldout = load_prompt_sets(cfg, RunStore.from_config(cfg))
+            assert [r["prompt"] for r in heldout] == ["a blue square"] and len(train) == 1
+        else:
+            with pytest.raises(ValueError, match=r"audit.backend=oracle .*'a cat on a mat'"):
+                load_prompt_sets(cfg, RunStore.from_config(cfg))
