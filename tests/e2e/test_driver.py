@@ -110,3 +110,45 @@ def test_bad_config_fails_before_ray_starts(tmp_path):
     r = unigap("run", "configs/tiny.yaml", f"run.root={tmp_path}", "train.bta=0.1", timeout=120)
     assert r.returncode == 2 and "train.bta" in r.stderr and "beta" in r.stderr
     assert time.time() - t < 60 and not list(tmp_path.iterdir()), "nothing may be written for a bad config"
+
+
+# The corrupted-judge control on the shipped shapes model: the judge's scores are inverted (SFT on what
+# the model itself rejects), trained hard enough that the damage is far outside evaluation noise.
+INVERTED = ["run.rounds=2", "prompts.per_round=null", "generate.num_images=8", "eval.num_images=4",
+            "eval.understanding_pairs=16", "train.num_workers=1", "train.lr=3e-3", "audit.tolerance=0.0",
+            "audit.on_degradation=continue_from_best", "wandb.mode=offline", "ray.num_cpus=2",
+            "pools.review_sample=0"]
+
+
+def audit_prompt_file(path: Path) -> Path:
+    """One-object prompts only (categories single and shape): the train split to train on, both
+    splits to evaluate on. Evaluation overlaps training on purpose: this test is about the audit, so
+    the damage must be unmistakable, and one-object prompts are the ones the shipped model draws
+    right often enough for a fall to show (its spatial accuracy is near zero: nothing to lose)."""
+    from shapes.world import heldout_prompts, train_prompts
+
+    one = ("single", "shape")
+    rows = [{"id": f"t{i}", "prompt": s.text, "category": s.category, "split": "train"}
+            for i, s in enumerate(train_prompts()) if s.category in one]
+    rows += [{"id": f"h{i}", "prompt": s.text, "category": s.category, "split": "heldout"}
+             for i, s in enumerate(train_prompts() + heldout_prompts()) if s.category in one]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_inverted_judge_triggers_the_audit_and_nothing_is_promoted(tmp_path):
+    prompts = audit_prompt_file(tmp_path / "prompts.jsonl")
+    r = unigap("run", "configs/experiments/judge-inverted.yaml", f"run.root={tmp_path}", "run.name=inv",
+               f"prompts.source={prompts}", *INVERTED, timeout=1100)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    manifest = json.loads((tmp_path / "inv" / "manifest.json").read_text())
+    audits = [manifest["rounds"][str(k)]["stages"]["audit"]["info"]["result"] for k in (1, 2)]
+    base = audits[0]["best_value"]
+    assert base > 0.1, f"the base model must draw some correct images for a fall to be visible ({base})"
+    assert not any(a["promote"] for a in audits), [a["reason"] for a in audits]
+    assert all(a["degraded"] and a["value"] < base and a["best_round"] == 0 for a in audits), \
+        [a["reason"] for a in audits]
+    assert manifest["pointers"]["best"] == 0 and manifest["pointers"]["latest"] == 2
+    assert r.stdout.count("decision=degraded") == 2, r.stdout[-3000:]
+    report = (tmp_path / "inv" / "report.md").read_text()
+    assert report.count("degraded") >= 2
