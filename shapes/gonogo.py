@@ -36,12 +36,12 @@ from shapes.world import train_prompts
 from trainers.losses import sft_loss
 
 
-def sample_round(m: JanusUnified, n_prompts: int, n_samples: int, seed: int) -> dict:
+def sample_round(m: JanusUnified, n_prompts: int, n_samples: int, seed: int, cfg_weight: float | None = None) -> dict:
     """Own samples for n_prompts random TRAIN prompts, with own-judge scores and oracle labels."""
     pool = train_prompts()
     idx = np.random.default_rng([seed, 21]).choice(len(pool), min(n_prompts, len(pool)), replace=False)
     specs = [pool[i] for i in sorted(idx)]
-    images, flat, toks = generate(m, specs, n_samples, seed + 1000)
+    images, flat, toks = generate(m, specs, n_samples, seed + 1000, cfg_weight=cfg_weight)
     scores = []
     for lo in range(0, len(images), 64):
         scores += m.judge(images[lo:lo + 64], [s.text for s in flat[lo:lo + 64]]).score
@@ -82,11 +82,12 @@ def sft(base: JanusUnified, prompts: list[str], tokens: torch.Tensor, steps: int
     return m, losses
 
 
-def score(m: JanusUnified, heldout_images: int, train_specs: list, train_images: int, seed: int) -> dict:
+def score(m: JanusUnified, heldout_images: int, train_specs: list, train_images: int, seed: int,
+          cfg_weight: float | None = None) -> dict:
     """Oracle generation accuracy on all held-out prompts and on the round's train prompts."""
     out = {}
     for name, specs, k in (("heldout", heldout_prompts(), heldout_images), ("train", train_specs, train_images)):
-        images, flat, _ = generate(m, specs, k, seed + 5000)
+        images, flat, _ = generate(m, specs, k, seed + 5000, cfg_weight=cfg_weight)
         out[name] = by_category([s.category for s in flat], [check(im, s) for im, s in zip(images, flat)])
     return out
 
@@ -94,7 +95,7 @@ def score(m: JanusUnified, heldout_images: int, train_specs: list, train_images:
 def run(m: JanusUnified, args) -> dict:
     """The whole experiment; returns the report (also printed as it goes)."""
     t0 = time.time()
-    samples = sample_round(m, args.prompts, args.samples, args.seed)
+    samples = sample_round(m, args.prompts, args.samples, args.seed, args.cfg_weight)
     j, o = samples["judge"], samples["oracle"]
     report = {"settings": vars(args).copy(), "round": {
         "samples": int(len(j)), "accepted_own": int(j.sum()), "oracle_correct": int(o.sum()),
@@ -102,7 +103,7 @@ def run(m: JanusUnified, args) -> dict:
         "oracle_rate_rejected": float(o[~j].mean()) if (~j).any() else None,
         "sample_seconds": round(time.time() - t0, 1)}}
     print(json.dumps(report["round"]), flush=True)
-    report["base"] = score(m, args.heldout_images, samples["specs"], args.train_images, args.seed)
+    report["base"] = score(m, args.heldout_images, samples["specs"], args.train_images, args.seed, args.cfg_weight)
     print("base", json.dumps({k: v["overall"] for k, v in report["base"].items()}), flush=True)
     prompts = [s.text for s in samples["flat"]]
     for name, idx in arms(samples, args.seed).items():
@@ -114,7 +115,8 @@ def run(m: JanusUnified, args) -> dict:
                             args.lr, args.seed)
         report[name] = {"train_rows": int(len(idx)), "loss_first": float(np.mean(losses[:10])),
                         "loss_last": float(np.mean(losses[-10:])),
-                        **score(tuned, args.heldout_images, samples["specs"], args.train_images, args.seed),
+                        **score(tuned, args.heldout_images, samples["specs"], args.train_images, args.seed,
+                                args.cfg_weight),
                         "seconds": round(time.time() - t1, 1)}
         print(name, json.dumps({k: v["overall"] if isinstance(v, dict) and "overall" in v else v
                                 for k, v in report[name].items()}), flush=True)
@@ -134,6 +136,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--heldout-images", type=int, default=9, help="per held-out prompt (all 130 held-out prompts)")
     ap.add_argument("--train-images", type=int, default=2, help="per round train prompt")
+    ap.add_argument("--cfg-weight", type=float, default=None,
+                    help="guidance for sampling and scoring (default: shapes.evaluate.GEN_CFG_WEIGHT)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)

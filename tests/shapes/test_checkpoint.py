@@ -70,3 +70,17 @@ def test_generation_recomputes(model, metrics):
     r = generation_accuracy(model, 32, 2, seed=101)["overall"]
     lo, hi = wilson99(r["k"], r["n"])
     assert lo <= metrics["generation"]["overall"]["acc"] <= hi, (r, metrics["generation"]["overall"])
+
+
+def test_category_mean_weights_every_category_the_same():
+    from shapes.evaluate import by_category, category_mean
+
+    # 90 spatial images all wrong, 10 single images all right: overall 0.10, category mean 0.50.
+    rates = by_category(["spatial"] * 90 + ["single"] * 10, [False] * 90 + [True] * 10)
+    m = category_mean(rates)
+    assert rates["overall"]["acc"] == pytest.approx(0.10) and m["acc"] == pytest.approx(0.50)
+    assert m["categories"] == 2 and m["n"] == 100
+    lo, hi = m["ci95"]
+    assert 0.0 < lo < 0.5 < hi < 1.0  # a 0/90 and a 10/10 category are still uncertain
+    wide = category_mean(by_category(["a"] * 9 + ["b"], [False] * 9 + [True]))["ci95"]
+    assert wide[1] - wide[0] > hi - lo  # fewer images, wider interval
