@@ -65,3 +65,31 @@ def test_rows_are_balanced_train_only_and_match_the_inference_text(tiny):
     infer = m._understanding_inputs([groups[None][0][i]], [q], None, [f" {description} . Answer :"])["input_ids"][0]
     assert torch.equal(train[: len(infer)], infer)
     assert m.tokenizer.unk_token_id not in train.tolist()
+
+
+def test_main_resumes_into_extra_generation_phases(tmp_path):
+    """The CLI end to end at the shipped sizes, seconds per stage: an extra generation phase
+    continues the step counter (new data) on its own clock, and a second one stacks on the first."""
+    import json
+
+    from shapes.pretrain import main
+
+    vq = tmp_path / "vq"
+    save_vq(build_vq(VQSettings(projection_dim=128)), vq)  # random VQ with the shipped sizes
+    out = tmp_path / "run"
+    base = ["--out", str(out), "--vq", str(vq), "--understanding-minutes", "0.01", "--generation-minutes", "0.01",
+            "--threads", "1", "--probe-minutes", "100"]
+    main(base)
+    first = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    assert first["done"] and "extra_phases" not in first
+    main([*base, "--resume", "--extend-generation", "0.01", "--gen-rows", "4", "--mix-images", "1"])
+    second = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    assert second["extra_phases"] == 1 and second["extra_start_step"] == first["generation_steps"]
+    assert second["generation_steps"] > first["generation_steps"] and second["extra_s"] >= 0.6
+    assert second["understanding_steps"] == first["understanding_steps"]  # finished stages are not redone
+    main([*base, "--resume", "--extend-generation", "0.01", "--gen-rows", "4", "--mix-images", "1"])
+    third = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    assert third["extra_phases"] == 2 and third["extra_start_step"] == second["generation_steps"]
+    history = json.loads((out / "run.json").read_text())["history"]
+    assert len(history) == 3 and "--extend-generation" in history[-1]["command"]
+    assert history[-1]["config"]["gen_rows"] == 4
