@@ -9,6 +9,8 @@ stages and ships it with `models.loading.save_model`:
      ~25 % clean renders, the rest VQ reconstructions (so the judge sees generation-like images);
   2. generation: teacher-forced text -> VQ-token NLL (10 % unconditional rows, so classifier-free
      guidance has an unconditional branch), mixed with understanding rows so understanding holds.
+  +  optional (`--extend-generation MINUTES`, repeatable via --resume): more generation steps as in
+     step 2, on their own clock and schedule (the shipped model had one 40-minute phase).
 Only TRAIN prompts (`shapes.world.train_prompts`) are ever used; held-out prompts never.
 Every batch is a pure function of (seed, stage, step), so `--resume` continues the same stream.
 
@@ -319,8 +321,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--gen-rows", type=int, default=PretrainConfig.gen_rows)
     ap.add_argument("--mix-images", type=int, default=PretrainConfig.mix_images)
     ap.add_argument("--extend-generation", type=float, default=0.0, metavar="MINUTES",
-                    help="with --resume after a finished run: one more generation phase of MINUTES with a fresh "
-                         "warm-up-free cosine schedule; the step counter (and so the data stream) continues")
+                    help="after stages 1-2 (e.g. with --resume on a finished run): one more generation phase of "
+                         "MINUTES with its own warm-up and cosine; the step counter (and so the data) continues")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
