@@ -10,8 +10,8 @@ the code and configs they name.
   * runtime envs: `ray.runtime_env.RuntimeEnv` (Ray's validation).
   * cluster.yaml: Ray's own launcher schema (`prepare_config` + `validate_config`, as `ray up` does
     before touching a cloud).
-  * Dockerfile: every pyproject dependency pinned with ==, equal to this venv's version and inside
-    pyproject's range.
+  * Dependencies: the Dockerfile and the Makefile install requirements.lock (no hand-typed pins); the
+    lock is closed over pyproject.toml's requirements and inside their ranges; this venv equals it.
 
 No validator package was adopted: kubeconform/kubeval are Go binaries, and the Python ones
 (kubernetes-validate) know core Kubernetes kinds, not the KubeRay CRDs.
@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 import yaml
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 REPO = Path(__file__).resolve().parents[2]
@@ -233,30 +234,61 @@ def test_cluster_launcher_yaml_passes_rays_own_validation():
     assert any("pip install" in c for c in raw["setup_commands"])
 
 
-def dockerfile_pins() -> dict[str, str]:
-    text = (CLUSTER / "Dockerfile").read_text()
-    pins = {Requirement(m.group(1)).name.lower(): m.group(2)
-            for m in re.finditer(r'"?([A-Za-z0-9_.\-]+(?:\[[a-z,]+\])?)==([0-9][0-9A-Za-z.]*)"?', text)}
-    pins["vllm"] = re.search(r"ARG VLLM_VERSION=(\S+)", text).group(1)
+def lock_pins() -> dict[str, str]:
+    """requirements.lock as {canonical name: version}; every line is `name==version`."""
+    pins = {}
+    for line in (REPO / "requirements.lock").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            req = Requirement(line)
+            (spec,) = req.specifier
+            assert spec.operator == "==", f"requirements.lock: {line!r} is not an exact pin"
+            pins[canonicalize_name(req.name)] = spec.version
     return pins
 
 
-def test_dockerfile_pins_match_pyproject_and_this_venv():
+def test_every_install_path_installs_from_the_lock():
+    docker = (CLUSTER / "Dockerfile").read_text()
+    assert re.search(r"^COPY .*requirements\.lock (\S+)\n(?:#.*\n)*RUN pip install -r \1$", docker, re.M), \
+        "cluster/Dockerfile must pip install -r the copied requirements.lock"
+    # No second, hand-typed list: the only other pins are torch (the CUDA build of the lock's version)
+    # and vllm (its own venv, outside the lock).
+    pinned = dict(re.findall(r"([A-Za-z0-9_.\-]+)==([0-9][^\s\"]*)", docker))
+    assert set(pinned) <= {"torch"}, f"cluster/Dockerfile pins {sorted(pinned)} by hand"
+    assert pinned.get("torch") == lock_pins()["torch"]
+    make = (REPO / "Makefile").read_text()
+    assert re.search(r"^LOCK\s*:?=\s*requirements\.lock$", make, re.M) and "pip install -q -r $(LOCK)" in make
+    assert "make test" in (REPO / ".ci" / "run").read_text()
+
+
+def test_lock_satisfies_pyproject_and_is_closed():
+    """Every requirement reachable from pyproject.toml (with its extras) is pinned, inside its range."""
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11 (the project allows 3.10)
-    text = (CLUSTER / "Dockerfile").read_text()
-    assert re.search(r"^FROM \$\{CUDA_IMAGE\}", text, re.M)
-    assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:\S+-runtime-", text, re.M) and "python3.11" in text
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    pins = dockerfile_pins()
-    for dep in project["dependencies"]:
-        req = Requirement(dep)
-        name = req.name.lower()
-        assert name in pins, f"{name} is not pinned in cluster/Dockerfile"
-        assert req.specifier.contains(pins[name]), f"{name}=={pins[name]} is outside pyproject's {req.specifier}"
+    pins = lock_pins()
+    todo = [Requirement(d) for d in project["dependencies"] + project["optional-dependencies"]["test"]]
+    seen: set[tuple[str, frozenset]] = set()
+    while todo:
+        req = todo.pop()
+        name = canonicalize_name(req.name)
+        if (name, frozenset(req.extras)) in seen:
+            continue
+        seen.add((name, frozenset(req.extras)))
+        assert name in pins, f"{name} ({req}) is not in requirements.lock: run `make lock`"
+        assert req.specifier.contains(pins[name], prereleases=True), \
+            f"requirements.lock has {name}=={pins[name]}, outside {req}: run `make lock`"
+        for dep in importlib.metadata.requires(name) or []:
+            sub = Requirement(dep)
+            envs = [{"extra": e} for e in (req.extras or {""})]
+            if sub.marker is None or any(sub.marker.evaluate(e) for e in envs):
+                todo.append(sub)
+    assert len(seen) > 20
+
+
+def test_this_venv_is_the_lock():
+    """The tested environment has exactly the locked versions (so a fresh machine tests the same stack)."""
+    for name, version in lock_pins().items():
         installed = Version(importlib.metadata.version(name)).public  # 2.13.0+cpu -> 2.13.0
-        assert pins[name] == installed, f"{name}: Dockerfile {pins[name]} != venv {installed}"
-    (vllm,) = [Requirement(d) for d in project["optional-dependencies"]["vllm"]]
-    assert vllm.specifier.contains(pins["vllm"])
+        assert installed == Version(version).public, f"{name}: venv {installed} != requirements.lock {version}"
 
 
 @pytest.mark.parametrize("name", ["janus_pro_1b.yaml", "janus_pro_7b.yaml", "tiny.yaml"])
