@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipelines.stats import Z95, wilson_ci
 from shapes.oracle import check
 from shapes.world import hard_negative, heldout_prompts, random_scene, render, sample_scene, satisfies
 
@@ -43,23 +44,8 @@ over-saturates this small model's samples."""
 UND_BATCH = 64
 
 
-def wilson(k: int, n: int) -> tuple[float, float]:
-    """95 % Wilson interval (pipelines.stats.wilson_ci when present; the same formula otherwise)."""
-    try:
-        from pipelines.stats import wilson_ci
-
-        return tuple(float(x) for x in wilson_ci(k, n))
-    except ImportError:
-        if n == 0:
-            return 0.0, 1.0
-        z, p = 1.959964, k / n
-        d = 1 + z * z / n
-        c, h = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-        return max(0.0, c - h), min(1.0, c + h)
-
-
 def rate(k: int, n: int) -> dict:
-    lo, hi = wilson(k, n)
+    lo, hi = wilson_ci(k, n)
     return {"acc": k / n if n else float("nan"), "k": int(k), "n": int(n), "ci95": [round(lo, 4), round(hi, 4)]}
 
 
@@ -79,7 +65,7 @@ def category_mean(rates: dict) -> dict:
     cats = [v for c, v in rates.items() if c != "overall" and v["n"]]
     mean = sum(v["k"] / v["n"] for v in cats) / len(cats)
     var = sum(((v["k"] + 2) / (v["n"] + 4)) * (1 - (v["k"] + 2) / (v["n"] + 4)) / (v["n"] + 4) for v in cats)
-    half = 1.959964 * math.sqrt(var) / len(cats)
+    half = Z95 * math.sqrt(var) / len(cats)
     return {"acc": mean, "categories": len(cats), "n": sum(v["n"] for v in cats),
             "ci95": [round(max(0.0, mean - half), 4), round(min(1.0, mean + half), 4)]}
 

@@ -12,22 +12,19 @@ a wrong VQ or a mis-recorded number, not a 3-point drift.
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
 
 from models.loading import load_model, shapes_checkpoint_dir
+from pipelines.stats import wilson_ci
 
 CKPT = shapes_checkpoint_dir()
 pytestmark = pytest.mark.skipif(not (CKPT / "config.json").is_file(), reason="no shipped shapes checkpoint")
 
 
 def wilson99(k: int, n: int) -> tuple[float, float]:
-    z, p = 2.576, k / n
-    d = 1 + z * z / n
-    c, h = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    return c - h, c + h
+    return wilson_ci(k, n, z=2.576)
 
 
 @pytest.fixture(scope="module")
