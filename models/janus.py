@@ -33,14 +33,7 @@ from transformers import GenerationConfig, StaticCache
 from transformers.generation.utils import GenerationMixin
 
 from models import decode
-from models.base import (
-    JUDGE_QUESTION,
-    JUDGE_SYSTEM,
-    PROB_QUESTION,
-    GenerationOutput,
-    ImageLogprobs,
-    JudgeResult,
-)
+from models.base import JUDGE_QUESTION, JUDGE_SYSTEM, PROB_QUESTION, GenerationOutput, ImageLogprobs, JudgeResult
 
 DECODE_CHUNK = 8  # images per VQ-decoder call (fixed, see decode_tokens)
 DESCRIBE_QUESTION = "Does this image describe {prompt}? Describe the image, then answer Yes or No."
@@ -263,8 +256,8 @@ class JanusUnified:
     def image_logprobs(self, prompts, image_tokens, cfg_weight=None, temperature=1.0) -> ImageLogprobs:
         """log p(token_t | prompt, tokens_<t) in one teacher-forced pass (gradients flow).
 
-        cfg_weight None: the conditional branch alone (what training optimises). A number: the
-        guided distribution that generation samples from (cond and uncond in one batched pass).
+        cfg_weight None (or 1): the conditional branch alone. A number: the guided distribution
+        that generation samples from (cond and uncond in one batched pass) -- what training uses.
         """
         prompts = _check_prompts(prompts)
         image_tokens = torch.as_tensor(image_tokens, dtype=torch.long, device=self.device)
@@ -272,20 +265,28 @@ class JanusUnified:
             raise ValueError(f"image_tokens must have shape (B, {self.num_image_tokens}), got {tuple(image_tokens.shape)}")
         if image_tokens.shape[0] != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {image_tokens.shape[0]} rows of image_tokens")
+        weight = 1.0 if cfg_weight is None else _check_float("cfg_weight", cfg_weight, 0.0)
         ids, mask = self.encode_generation_prompts(prompts)
-        guided = cfg_weight is not None and _check_float("cfg_weight", cfg_weight, 0.0) != 1.0
-        if guided:
-            ids, mask, image_tokens_2 = (torch.cat([ids, self._uncond_ids(ids)]), torch.cat([mask, mask]),
-                                         torch.cat([image_tokens, image_tokens]))
-        else:
-            image_tokens_2 = image_tokens
-        logits = self.image_logits(ids, mask, image_tokens_2)  # (rows, T, V)
-        if guided:
-            B = len(prompts)
-            logits = logits[B:] + cfg_weight * (logits[:B] - logits[B:])
-        logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-        per_token = logp.gather(-1, image_tokens.unsqueeze(-1)).squeeze(-1)  # (B, T)
+        per_token = self.token_logprobs(ids, mask, image_tokens, weight, temperature)  # (B, T)
         return ImageLogprobs(per_token=per_token, total=per_token.sum(-1))
+
+    def token_logprobs(self, ids: torch.Tensor, mask: torch.Tensor, image_tokens: torch.Tensor,
+                       cfg_weight: float = 1.0, temperature: float = 1.0) -> torch.Tensor:
+        """(B, T) log-probs of `image_tokens` under the sampler's distribution: raw-logit CFG
+        u + w (c - u) at `cfg_weight` (1 = the conditional branch alone), then / temperature.
+
+        Both branches run in one batched pass and both get gradient, so a loss on these log-probs
+        trains the distribution that `generate_images` samples from (SHAPES-NOTES: a conditional-only
+        loss under guided sampling made every round worse).
+        """
+        B, guided = ids.shape[0], cfg_weight != 1.0
+        if guided:  # rows [cond; uncond], as _sample runs them
+            ids, mask = torch.cat([ids, self._uncond_ids(ids)]), torch.cat([mask, mask])  # (2B, L)
+        logits = self.image_logits(ids, mask, image_tokens.repeat(2 if guided else 1, 1))  # (rows, T, V)
+        if guided:
+            logits = logits[B:] + cfg_weight * (logits[:B] - logits[B:])  # (B, T, V), as _sample does
+        logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # (B, T, V)
+        return logp.gather(-1, image_tokens.unsqueeze(-1)).squeeze(-1)  # (B, T)
 
     def image_logits(self, ids: torch.Tensor, mask: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
         """Generation-head logits (B, T, V) for each image position, from prompt ids ending in BOI."""

@@ -1,8 +1,9 @@
-"""Inputs of `trainers/train.py`: rows (load, check, pack), argument checks, the per-rank step plan.
+"""Inputs of `trainers/train.py`: rows (load, check, pack), argument checks, the per-rank step plan and
+the learning-rate schedule (`lr_factor`).
 
 Where it fits: the pools stage writes the round's SFT set or DPO pairs (Parquet); the driver hands
-them to `trainers.train.train_adapter`, which checks them and its arguments (`check_args`,
-`check_lora`) here *before* any compute or Ray call, packs them into
+them to `trainers.train.train_adapter`, which checks them and its arguments (`check_args`; the LoRA spec
+by `models.lora.check_lora_spec`) *before* any compute or Ray call, packs them into
 columnar numpy arrays (one `ray.put`, shared by every worker), and each worker asks `step_plan` which
 rows form its micro-batches at a given step. No Ray; `model_facts` reads only the model's config
 (module names from a meta-device build), so checks cost no weights.
@@ -177,13 +178,6 @@ def model_facts(model_path: str) -> tuple[int, int, list[str]]:
     return num_image_tokens, int(janus.config.vq_config.num_embeddings), [n for n, _ in janus.named_modules()]
 
 
-def check_lora(spec, names: list[str]) -> None:
-    """A models.lora.LoraSpec that matches no module is an error before any compute."""
-    from models.lora import check_lora_spec
-
-    check_lora_spec(spec, names)
-
-
 def check_args(a) -> None:
     """Numbers and choices of a trainers.train.TrainArgs, and combinations that cannot run here."""
     def need(ok: bool, msg: str) -> None:
@@ -196,6 +190,9 @@ def check_args(a) -> None:
         need(isinstance(getattr(a, name), int) and getattr(a, name) >= low, f"{name} must be an int >= {low}")
     need(a.max_steps is None or (isinstance(a.max_steps, int) and a.max_steps >= 1), "max_steps must be None or >= 1")
     need(math.isfinite(a.lr) and a.lr > 0, f"lr must be > 0, got {a.lr}")
+    need(math.isfinite(a.weight_decay) and a.weight_decay >= 0, f"weight_decay must be >= 0, got {a.weight_decay}")
+    need(math.isfinite(a.cfg_weight) and a.cfg_weight >= 1, f"cfg_weight must be >= 1, got {a.cfg_weight}")
+    need(math.isfinite(a.temperature) and a.temperature > 0, f"temperature must be > 0, got {a.temperature}")
     need(math.isfinite(a.max_grad_norm) and a.max_grad_norm >= 0, "max_grad_norm must be >= 0")
     need(a.cpus_per_worker > 0 and (not a.use_gpu or a.gpus_per_worker > 0), "resources per worker must be > 0")
     need(a.beta > 0, f"beta must be > 0, got {a.beta}")
@@ -206,3 +203,13 @@ def check_args(a) -> None:
     need(a.strategy == "ddp" or a.use_gpu, "strategy='fsdp' needs use_gpu=True (use 'ddp' on CPU)")
     need("://" in a.storage_path or os.path.isabs(a.storage_path),
          f"storage_path must be an absolute path or URI (Ray Train requires it), got {a.storage_path!r}")
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Multiplier of the peak LR at optimizer step `step` (0-based)."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    return 1.0 - progress if schedule == "linear" else 1.0

@@ -48,9 +48,10 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from models.lora import ADAPTER_FILES, CHECKSUM_FILE, LoraSpec, attach_lora, load_adapter, save_adapter, verify_adapter
+from models.lora import (ADAPTER_FILES, CHECKSUM_FILE, LoraSpec, attach_lora, check_lora_spec, load_adapter,
+                         save_adapter, verify_adapter)
 from trainers import data as D
-from trainers.data import TrainDataError
+from trainers.data import TrainDataError, lr_factor
 from trainers.losses import dpo_loss, sft_loss
 
 STATE_FILE = "train_state.pt"
@@ -80,6 +81,12 @@ class TrainArgs:
     """GPUs Ray reserves per worker when use_gpu."""
     lr: float = 1e-3
     """Peak AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (0: decay would pull the adapter towards 0 = the start model every round)."""
+    cfg_weight: float = 1.0
+    """Guidance weight of the loss's distribution: generation's trains what it samples; 1 = conditional."""
+    temperature: float = 1.0
+    """Sampling temperature of that distribution (log-probs of logits / temperature)."""
     epochs: int = 1
     """Passes over the rows."""
     max_steps: Optional[int] = None
@@ -140,15 +147,17 @@ def _prepare(args: TrainArgs, rows: Any) -> D.PackedRows:
     if args.init_adapter:
         verify_adapter(args.init_adapter)
     else:
-        D.check_lora(args.lora, names)
+        check_lora_spec(args.lora, names)
     return D.pack_rows(rows, args.objective)
 
 
 # ---------------------------------------------------------------------------------------- reference
 @torch.no_grad()
 def precompute_ref_logprobs(model_path: str, init_adapter: Optional[str], pairs: Any, batch_size: int = 32,
-                            dtype: str = "float32", device: str = "cpu") -> list[dict]:
-    """Pairs with ref_chosen_logp / ref_rejected_logp: summed log-probs, no CFG, under base + init_adapter."""
+                            dtype: str = "float32", device: str = "cpu", cfg_weight: float = 1.0,
+                            temperature: float = 1.0) -> list[dict]:
+    """Pairs with ref_chosen_logp / ref_rejected_logp: summed log-probs under base + init_adapter, on
+    the distribution the policy is trained on (`cfg_weight`, `temperature`: TrainArgs' values)."""
     from models.loading import load_model
 
     pairs = D.load_rows(pairs)
@@ -156,8 +165,8 @@ def precompute_ref_logprobs(model_path: str, init_adapter: Optional[str], pairs:
     out = []
     for lo in range(0, len(pairs), batch_size):
         chunk = pairs[lo:lo + batch_size]
-        prompts = [p["prompt"] for p in chunk]  # no CFG: the distribution training optimises
-        chosen, rejected = (m.image_logprobs(prompts, [p[c] for p in chunk]).total  # (b,) each
+        prompts = [p["prompt"] for p in chunk]
+        chosen, rejected = (m.image_logprobs(prompts, [p[c] for p in chunk], cfg_weight, temperature).total  # (b,)
                             for c in ("chosen_tokens", "rejected_tokens"))
         out += [{**p, "ref_chosen_logp": float(c), "ref_rejected_logp": float(r)}
                 for p, c, r in zip(chunk, chosen.tolist(), rejected.tolist())]
@@ -196,28 +205,18 @@ def train_adapter(args: TrainArgs, rows: Any, out_dir: str) -> TrainResult:
 
 # ---------------------------------------------------------------------------------------- worker
 class PolicyLogprobs(nn.Module):
-    """forward(ids, mask, tokens) -> (B, T) image-token log-probs: the module DDP wraps, so DDP's
-    hooks see the whole forward (prompt embeddings -> language model -> generation head)."""
+    """forward(ids, mask, tokens) -> (B, T) image-token log-probs under the sampling distribution
+    (CFG at `cfg_weight`, `temperature`): the module DDP wraps, so DDP's hooks see the whole forward
+    (prompt embeddings -> language model -> generation head, both CFG branches)."""
 
-    def __init__(self, unified):
+    def __init__(self, unified, cfg_weight: float = 1.0, temperature: float = 1.0):
         super().__init__()
         self.policy = unified.model  # registers the (peft) parameters
         self.unified = unified  # a plain object: nn.Module keeps it as an attribute
+        self.cfg_weight, self.temperature = cfg_weight, temperature
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        logits = self.unified.image_logits(ids, mask, tokens)  # (B, T, V)
-        logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
-        return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (B, T)
-
-
-def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
-    """Multiplier of the peak LR at optimizer step `step` (0-based)."""
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    progress = (step - warmup) / max(1, total - warmup)
-    if schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * progress))
-    return 1.0 - progress if schedule == "linear" else 1.0
+        return self.unified.token_logprobs(ids, mask, tokens, self.cfg_weight, self.temperature)  # (B, T)
 
 
 def _build_policy(args: TrainArgs, state: Optional[dict], device: str):
@@ -365,11 +364,12 @@ def train_loop(config: dict) -> None:
         torch.set_num_threads(1)  # contended cores: 1 thread is 4-17x faster (STACK-NOTES.md §8)
     state = _load_state(ray.train.get_checkpoint())
     unified = _build_policy(args, state, str(get_device()))
-    model = prepare_model(PolicyLogprobs(unified), parallel_strategy=args.strategy,
+    model = prepare_model(PolicyLogprobs(unified, args.cfg_weight, args.temperature), parallel_strategy=args.strategy,
                           parallel_strategy_kwargs={"use_orig_params": True} if args.strategy == "fsdp" else None)
     spe = D.steps_per_epoch(len(data), world, args.batch_size, args.grad_accum)
     total = min(args.epochs * spe, args.max_steps or math.inf)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                                  weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, args.warmup_steps, total, args.lr_schedule))
     step, history, attempt = 0, [], 0

@@ -22,7 +22,8 @@ import torch
 from models.loading import load_model
 from models.lora import AdapterError, LoraSpec, attach_lora, load_adapter, verify_adapter
 from trainers import data as D
-from trainers.train import TrainArgs, TrainDataError, lr_factor, precompute_ref_logprobs, train_adapter, validate
+from trainers.train import (PolicyLogprobs, TrainArgs, TrainDataError, lr_factor, precompute_ref_logprobs, train_adapter,
+                            validate)
 
 PROMPTS = ["a red circle", "two blue square", "a green triangle left of a yellow circle", "purple square above"]
 T, V = 16, 64  # tiny model: image tokens per image, codebook size
@@ -145,6 +146,40 @@ def test_precompute_ref_logprobs_matches_teacher_forcing():
     assert all(o["ref_rejected_logp"] < 0 and o["prompt_id"] == p["prompt_id"] for o, p in zip(out, pairs))
 
 
+def test_policy_logprobs_are_the_samplers_guided_logprobs():
+    m = load_model("tiny")
+    out = m.generate_images(PROMPTS[:2], num_images=2, seed=3, cfg_weight=2.5, temperature=0.8, return_logprobs=True)
+    prompts = [p for p in PROMPTS[:2] for _ in range(2)]
+    ids, mask = m.encode_generation_prompts(prompts)
+    with torch.no_grad():
+        guided = PolicyLogprobs(m, cfg_weight=2.5, temperature=0.8)(ids, mask, out.tokens.reshape(4, T))  # (4, T)
+        conditional = PolicyLogprobs(m)(ids, mask, out.tokens.reshape(4, T))  # (4, T)
+    assert guided.numpy() == pytest.approx(out.logprobs.reshape(4, T).numpy(), abs=1e-4)
+    assert not torch.allclose(guided, conditional, atol=1e-2)  # the branch choice matters
+
+
+@pytest.mark.parametrize("cfg_weight", [1.0, 3.0])
+def test_sft_on_a_branch_raises_the_likelihood_of_that_branch(cfg_weight):
+    """A few SFT steps on the log-probs of one distribution (guided at 3, or conditional) raise them."""
+    torch.manual_seed(0)
+    m = attach_lora(load_model("tiny"), LoraSpec(r=4, alpha=8))
+    rows = sft_rows(4)
+    prompts, tokens = [r["prompt"] for r in rows], torch.tensor([r["image_tokens"] for r in rows])  # (4, T)
+    ids, mask = m.encode_generation_prompts(prompts)
+    policy = PolicyLogprobs(m, cfg_weight=cfg_weight)
+    opt = torch.optim.AdamW([p for p in m.model.parameters() if p.requires_grad], lr=5e-3, weight_decay=0.0)
+    with torch.no_grad():
+        before = policy(ids, mask, tokens).mean().item()
+    for _ in range(5):
+        opt.zero_grad()
+        loss = -policy(ids, mask, tokens).mean()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        after = policy(ids, mask, tokens).mean().item()
+    assert after > before + 0.05
+
+
 # ------------------------------------------------------------------------------------------ Ray fits
 @pytest.fixture(scope="module")
 def sft_run(ray_session, tmp_path_factory):
@@ -159,8 +194,9 @@ def sft_run(ray_session, tmp_path_factory):
 def dpo_run(ray_session, sft_run, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dpo")
     init = sft_run[2].adapter_dir
-    pairs = precompute_ref_logprobs("tiny", init, dpo_pairs(), batch_size=4)
-    args = base_args(tmp, objective="dpo", init_adapter=init, beta=0.1, run_name="dpo",
+    # Guided (CFG 3) log-probs for reference and policy alike: step 1 must then sit exactly at the reference.
+    pairs = precompute_ref_logprobs("tiny", init, dpo_pairs(), batch_size=4, cfg_weight=3.0)
+    args = base_args(tmp, objective="dpo", init_adapter=init, beta=0.1, run_name="dpo", cfg_weight=3.0,
                      checkpoint_every=4, fail_at_step=6, max_failures=1)
     return args, pairs, train_adapter(args, pairs, str(tmp / "adapter"))
 
