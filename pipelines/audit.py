@@ -319,7 +319,8 @@ def audit_vs_best(best_round: Optional[int], best_metrics: Optional[dict], round
                "promote: better than the best" if promote else
                "hold: below the best but within tolerance (best kept)")
     reason = (f"{verdict}; {metric} {_fmt(value)}{_ci_text(cand, metric)} vs best round {best_round} "
-              f"{_fmt(best_value)}: delta {delta:+.4f}, tolerance {tol:g}{_noise_text(cand, metric, best_value)}")
+              f"{_fmt(best_value)}: delta {delta:+.4f}, tolerance {tol:g}{_noise_text(cand, metric, best_value)}"
+              f"{_paired_text(cand, metric)}")
     if co:
         reason += "; CO-DEGRADATION: Nonunified improved while the external metric fell"
     return AuditDecision(promote, degraded, reason, best_round, best_value=best_value, delta=delta,
@@ -338,6 +339,15 @@ def _fmt(x: Optional[float]) -> str:
 def _ci_text(rec: dict, metric: str) -> str:
     lo, hi, n = (rec.get(f"eval/{metric}/{k}") for k in ("ci_low", "ci_high", "n"))
     return "" if lo is None or hi is None else f" [95% CI {lo:.3f}-{hi:.3f}, n={n}]"
+
+
+def _paired_text(rec: dict, metric: str) -> str:
+    """The paired (same prompts, same seeds) difference to the round's start model, when measured."""
+    key = "eval/gen_gain_vs_start"
+    if metric != "gen_accuracy" or rec.get(key) is None:
+        return ""
+    return (f"; paired vs its start model {rec[key]:+.4f} [95% CI {rec[key + '/ci_low']:+.3f}, "
+            f"{rec[key + '/ci_high']:+.3f}] over {int(rec[key + '/n'])} prompts")
 
 
 def _noise_text(rec: dict, metric: str, best_value: float) -> str:

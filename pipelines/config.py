@@ -110,8 +110,9 @@ class JudgeConfig:
     num_actors: int = _f(1, "Judge actors (Ray Data actor pool size).", ge=1)
     num_cpus_per_actor: float = _f(1.0, "CPUs reserved per judge actor.", ge=0)
     num_gpus_per_actor: float = _f(0.0, "GPUs per judge actor; fractions share a GPU.", ge=0)
-    corrupt: Literal["none", "random", "inverted"] = _f(
-        "none", "Control arm: corrupt the judge's scores on purpose (random or 1 - score).")
+    corrupt: Literal["none", "random", "inverted", "oracle"] = _f(
+        "none", "Control arm: replace the judge's scores on purpose: random, inverted (1 - score), or oracle "
+        "(the shapes oracle's verdict: the upper bound any own judge can reach).")
 
 
 @dataclass
@@ -120,6 +121,10 @@ class PoolsConfig:
                                  ge=0, le=1)
     reject_threshold: float = _f(0.4, "score <= this -> rejected; in between -> uncertain.",
                                  ge=0, le=1)
+    sft_select: Literal["all", "best_of_n"] = _f(
+        "all", "SFT rows: all accepted samples, or per prompt the top-scored accepted one plus any above "
+        "best_of_n_keep_above.")
+    best_of_n_keep_above: float = _f(0.9, "best_of_n also keeps accepted samples scoring above this.", ge=0, le=1)
     review_sample: int = _f(32, "Uncertain samples exported for human review (0 = none).", ge=0)
     review_seed: int = _f(0, "Seed of the risk-weighted review sample.", ge=0)
 
@@ -139,6 +144,14 @@ class TrainConfig:
     use_gpu: bool = _f(False, "One GPU per train worker.")
     cpus_per_worker: float = _f(1.0, "CPUs reserved per train worker.", ge=0)
     lr: float = _f(3e-4, "Peak learning rate (AdamW).", gt=0)
+    weight_decay: float = _f(0.0, "AdamW weight decay on the adapter (0: no pull back towards the start model).", ge=0)
+    logprob_branch: Literal["guided", "conditional"] = _f(
+        "guided", "Distribution the SFT/DPO log-probs (policy and reference) are taken on: guided = CFG at "
+        "generate.cfg_weight and generate.temperature, what sampling, evaluation and the audit use; "
+        "conditional = the conditional branch alone.")
+    allow_cfg_mismatch: bool = _f(
+        False, "Allow logprob_branch=conditional while generate.cfg_weight != 1 (trains another "
+        "distribution than the one sampled; measured to degrade the shapes model).")
     epochs: int = _f(3, "Passes over the round's training set.", ge=1)
     steps: Optional[int] = _f(None, "Cap on optimizer steps per round (None = epochs decide).", ge=1)
     batch_size: int = _f(16, "Rows per worker per micro-batch.", ge=1)
@@ -177,6 +190,10 @@ class AuditConfig:
     metric: Literal["gen_accuracy", "und_win_rate"] = _f(
         "gen_accuracy", "External metric that must not get worse.")
     tolerance: float = _f(0.02, "Allowed drop of `metric` before a round counts as degraded.", ge=0)
+    continue_from: Literal["best", "last_kept"] = _f(
+        "last_kept", "The model the next round improves: the best promoted round, or the last round that was "
+        "not degraded (a round held within tolerance stays in the chain, so gains smaller than the "
+        "evaluation noise can add up over rounds; a degraded round is always rolled back).")
     on_degradation: Literal["stop", "continue_from_best"] = _f(
         "continue_from_best", "stop the run, or roll back to the best adapter and go on.")
 
@@ -326,8 +343,15 @@ def _check_combinations(cfg: Config) -> None:
          "train.objective=dpo needs at least one pair per prompt"),
         ("curriculum.start_round", cfg.curriculum.enabled and cfg.curriculum.start_round > cfg.run.rounds,
          f"{cfg.curriculum.start_round} is after the last round (run.rounds={cfg.run.rounds})"),
+        ("judge.corrupt", cfg.judge.corrupt == "oracle" and cfg.audit.backend != "oracle",
+         "the oracle-judge control needs the shapes world (audit.backend=oracle)"),
         ("audit.vlm_path", cfg.audit.backend == "vlm" and not cfg.audit.vlm_path,
          "audit.backend=vlm needs a VLM checkpoint path"),
+        ("train.logprob_branch", t.logprob_branch == "conditional" and cfg.generate.cfg_weight != 1.0
+         and not t.allow_cfg_mismatch,
+         f"conditional training under guided sampling (generate.cfg_weight={cfg.generate.cfg_weight}) trains "
+         "another distribution than the one sampled and evaluated; use train.logprob_branch=guided, "
+         "generate.cfg_weight=1.0, or train.allow_cfg_mismatch=true"),
         ("train.label_smoothing", t.loss_type == "ipo" and t.label_smoothing > 0,
          "label smoothing is defined for the sigmoid loss only"),
         ("train.warmup_steps", t.steps is not None and t.warmup_steps > t.steps,

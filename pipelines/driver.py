@@ -7,9 +7,9 @@ cluster). Round 0 evaluates the base model. Each round k then runs the stages of
 
 Each stage writes `runs/<run>/round_<k>/<stage>/` and is marked done in the manifest; a rerun of the
 same command skips finished stages (resume after `kill -9`, a lost job, a KubeRay retry). Round k
-improves the *best* promoted model so far; a round whose external metric falls beyond
-`audit.tolerance` is flagged as co-degradation and never promoted (`audit.on_degradation`: stop, or
-continue from the best round). Stage times are logged as `time/<stage>`.
+improves the last round that was not rolled back (or the best promoted one: `audit.continue_from`); a
+round whose external metric falls beyond `audit.tolerance` below the best is flagged as co-degradation,
+rolled back and never promoted (`audit.on_degradation`: stop, or continue from the best round). Stage times are logged as `time/<stage>`.
 
 Example:
     $ unigap run configs/shapes.yaml run.name=demo train.objective=dpo
@@ -44,25 +44,26 @@ class Ctx:
     timings: dict[str, float] = field(default_factory=dict)
 
     def stage(self, k: int, name: str, compute: Callable[[], Any]) -> Any:
-        """Run (or resume) one stage: skip it when the manifest says it is done; time it."""
+        """Run (or resume) one stage via `rounds.run_stage`, timed, with one console line."""
         t0 = time.perf_counter()
-        if self.store.is_done(k, name):
-            result = rounds.load_stage(self.store, k, name)
-            self.timings[f"time/{name}"] = self.store.stage_info(k, name).get("seconds", 0.0)
-            print(rounds.progress(k, name, self.store.stage_info(k, name), resumed=True), flush=True)
-            return result
-        result, info = compute()
-        info["seconds"] = round(time.perf_counter() - t0, 3)
-        rounds.save_stage(self.store, k, name, result, info)
-        self.timings[f"time/{name}"] = info["seconds"]
-        print(rounds.progress(k, name, info), flush=True)
+        resumed = self.store.is_done(k, name)
+
+        def timed():
+            result, info = compute()
+            info["seconds"] = round(time.perf_counter() - t0, 3)
+            return result, info
+
+        result = rounds.run_stage(self.store, k, name, timed)
+        info = self.store.stage_info(k, name)
+        self.timings[f"time/{name}"] = info.get("seconds", 0.0)
+        print(rounds.progress(k, name, info, resumed=resumed), flush=True)
         return result
 
 
 def run_round(ctx: Ctx, k: int) -> dict:
     """One self-improvement round on one screen: improve the best model so far, audit, promote."""
     cfg, store = ctx.cfg, ctx.store
-    start = store.pointer("best") or 0  # the model this round improves (0 = base)
+    start = rounds.start_model(store, cfg)  # the model this round improves (0 = base; audit.continue_from)
     adapter = rounds.adapter_path(store, start)
     prompts = rounds.round_prompts(ctx, k)  # rotating slice + curriculum replay of discard pools
     samples = ctx.stage(k, "generate", lambda: rounds.generate(cfg, prompts, k, adapter))

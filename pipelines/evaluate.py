@@ -63,7 +63,7 @@ import pandas as pd
 
 from pipelines.pools import nonunified_score
 from pipelines.stages import _png, _unpng, sample_seed
-from pipelines.stats import Rate, rate
+from pipelines.stats import Rate, paired_bootstrap, rate
 
 JUDGE_BATCH = 64  # images per own-judge forward: the tiny/shapes models fit 64 at 32 px easily
 IMAGES_PER_FORWARD = 64  # generation: prompts per forward = this // num_images
@@ -315,3 +315,54 @@ def metric_summary(metrics: dict[str, Any]) -> dict[str, float]:
     """The four headline numbers (for progress lines and the manifest)."""
     names = ("gen_accuracy", "und_accuracy", "nonunified", "und_win_rate")
     return {n: metrics.get(f"eval/{n}", float("nan")) for n in names}
+
+
+def paired_gain(samples: pd.DataFrame, reference: pd.DataFrame, name: str, seed: int = 0,
+                verdict: str = "external_verdict") -> dict[str, float]:
+    """Generation accuracy of `samples` minus `reference` (two evaluations, e.g. round k and round 0),
+    paired over the held-out prompts both evaluated with the same sampling seeds.
+
+    Metrics: `eval/<name>` (prompt-uniform: equal images per prompt, so it equals the difference of
+    the two gen_accuracy values), `/ci_low`, `/ci_high` (paired bootstrap over prompts,
+    `stats.paired_bootstrap`), `/n` (prompts), `/category_mean` (the mean of per-category gains: every
+    category weighs the same, as the understanding pairs do). Unpaired inputs (other seeds) are refused.
+    `verdict`: the column judged (`second_verdict`: the shapes world's second verdict).
+    """
+    cols = ["prompt_id", "sample_index", "seed", "category", verdict]
+    a, b = (df.loc[df["kind"] == "generation", cols] for df in (samples, reference))
+    both = a.merge(b, on=["prompt_id", "sample_index"], suffixes=("", "_ref"))
+    if both.empty:
+        raise ValueError(f"{name}: no held-out prompt in common: not a paired comparison")
+    if not (both["seed"] == both["seed_ref"]).all():
+        raise ValueError(f"{name}: the two evaluations sampled with different seeds: not a paired comparison")
+    both[[verdict, verdict + "_ref"]] = both[[verdict, verdict + "_ref"]].astype(float)
+    per_prompt = both.groupby("prompt_id").agg(a=(verdict, "mean"), b=(verdict + "_ref", "mean"),
+                                               category=("category", "first"))
+    d, lo, hi = paired_bootstrap(per_prompt["a"], per_prompt["b"], seed=seed)
+    by_cat = (per_prompt["a"] - per_prompt["b"]).groupby(per_prompt["category"]).mean()
+    return {f"eval/{name}": d, f"eval/{name}/ci_low": lo, f"eval/{name}/ci_high": hi,
+            f"eval/{name}/n": float(len(per_prompt)),
+            f"eval/{name}/category_mean": float(by_cat.mean()) if len(by_cat) else float("nan")}
+
+
+def second_verdict(samples: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Shapes world: a second verdict on every generation, built differently from the oracle
+    (`shapes.mask_verdict`). Adds the column `second_verdict` (1.0 / 0.0; NaN on understanding rows)
+    and the metrics `eval/gen_accuracy_second` (+ per category), `eval/verdict_agreement` (second vs
+    external verdict) and `eval/near_threshold` (share of externally accepted generations with an
+    object within a margin of an oracle shape threshold: verdicts a small change could flip)."""
+    from shapes.mask_verdict import mask_check_many, near_threshold
+
+    gen = (samples["kind"] == "generation").to_numpy()
+    images = [_unpng(b) for b in samples.loc[gen, "png"]]
+    second = np.asarray(mask_check_many(images, list(samples.loc[gen, "prompt"])), dtype=bool)
+    external = samples.loc[gen, "external_verdict"].astype(bool).to_numpy()
+    near = [near_threshold(im) for im, ok in zip(images, external) if ok]
+    out = samples.copy()
+    out["second_verdict"] = np.nan
+    out.loc[gen, "second_verdict"] = second.astype(float)
+    metrics: dict[str, float] = {}
+    add_by_category(metrics, "eval/gen_accuracy_second", list(samples.loc[gen, "category"]), second)
+    add_rate(metrics, "eval/verdict_agreement", rate(int((second == external).sum()), len(second)))
+    add_rate(metrics, "eval/near_threshold", rate(int(sum(near)), len(near)))
+    return out, metrics

@@ -32,12 +32,20 @@ def train_args(cfg: Config, k: int, init_adapter: Optional[str], storage_path: s
         objective=t.objective, model_path=cfg.model.path, model_dtype=cfg.model.dtype, init_adapter=init_adapter,
         lora=LoraSpec(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules,
                       modules_to_save=list(lora.modules_to_save)),
-        num_workers=t.num_workers, use_gpu=t.use_gpu, cpus_per_worker=t.cpus_per_worker, lr=t.lr, epochs=t.epochs,
+        num_workers=t.num_workers, use_gpu=t.use_gpu, cpus_per_worker=t.cpus_per_worker, lr=t.lr,
+        weight_decay=t.weight_decay, epochs=t.epochs, **loss_distribution(cfg),
         max_steps=t.steps, batch_size=t.batch_size, grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm,
         warmup_steps=t.warmup_steps, lr_schedule=t.lr_schedule, beta=t.beta, loss_type=t.loss_type,
         label_smoothing=t.label_smoothing, precision=t.precision, strategy=t.strategy,
         max_failures=t.max_failures, checkpoint_every=t.checkpoint_every,
         seed=derive_seed(cfg.run.seed, k, "train"), storage_path=storage_path, run_name=f"round_{k}")
+
+
+def loss_distribution(cfg: Config) -> dict[str, float]:
+    """cfg_weight / temperature of the distribution SFT and DPO log-probs are taken on (train.logprob_branch)."""
+    if cfg.train.logprob_branch == "guided":
+        return {"cfg_weight": cfg.generate.cfg_weight, "temperature": cfg.generate.temperature}
+    return {"cfg_weight": 1.0, "temperature": 1.0}
 
 
 def _ray_task(cfg: Config, fn, *args):
@@ -52,7 +60,8 @@ def _ref_logprobs(cfg: Config, adapter: Optional[str], pairs: list[dict]) -> lis
     from trainers.train import precompute_ref_logprobs
 
     return precompute_ref_logprobs(cfg.model.path, adapter, pairs, dtype=cfg.model.dtype,
-                                   device="cuda" if cfg.generate.num_gpus_per_actor else "cpu")
+                                   device="cuda" if cfg.generate.num_gpus_per_actor else "cpu",
+                                   **loss_distribution(cfg))
 
 
 def train(ctx, k: int, pooled: dict, adapter: Optional[str]):
@@ -91,30 +100,59 @@ def _evaluate_task(cfg: Config, adapter: Optional[str], heldout: list[dict], bas
     model = load_model(cfg.model.path, cfg.model.dtype, "cuda" if cfg.generate.num_gpus_per_actor else "cpu",
                        adapter=adapter, judge_mode=cfg.judge.mode)
     judge = make_external_judge(cfg.audit, dtype=cfg.model.dtype, device=cfg.model.device)
-    return evaluate_round(model, judge, heldout, cfg.eval, cfg.judge.mode or model.default_judge_mode,
-                          generate_cfg=cfg.generate, base_pairs=base_pairs)  # eval samples as the run does
+    out = evaluate_round(model, judge, heldout, cfg.eval, cfg.judge.mode or model.default_judge_mode,
+                         generate_cfg=cfg.generate, base_pairs=base_pairs)  # eval samples as the run does
+    if cfg.audit.backend != "oracle":
+        return out
+    from pipelines.evaluate import EvalResult, second_verdict
+
+    samples, extra = second_verdict(out.samples)  # a gain only the oracle sees is not a gain
+    return EvalResult({**out.metrics, **extra}, samples)
+
+
+def start_model(store: RunStore, cfg: Config) -> int:
+    """The round whose model the next round improves (0 = base): audit.continue_from."""
+    best = store.pointer("best") or 0
+    head = store.pointer("head")
+    return best if cfg.audit.continue_from == "best" or head is None else head
 
 
 def evaluate(ctx, k: int, trained: dict):
     """Held-out metrics of the round's model (the new adapter; the start model if training skipped)."""
     from pipelines.rounds import adapter_path
 
-    start = ctx.store.pointer("best") or 0
+    start = start_model(ctx.store, ctx.cfg)
     model_round = trained.get("adapter_round") or start
     base = ctx.store.read_table(0, "evaluate", "pairs").to_pandas() if k else None
     out = _ray_task(ctx.cfg, _evaluate_task, ctx.cfg, adapter_path(ctx.store, model_round), ctx.heldout, base)
-    metrics = out.metrics
+    metrics = {**out.metrics, **_paired_gains(ctx.store, k, start, out.samples)}
     info = {"model_round": model_round, "gen_accuracy": metrics.get("eval/gen_accuracy"),
-            "und_accuracy": metrics.get("eval/und_accuracy")}
+            "und_accuracy": metrics.get("eval/und_accuracy"), "gain_vs_base": metrics.get("eval/gen_gain_vs_base")}
     return {"metrics": metrics, "model_round": model_round, "samples": out.samples, "pairs": out.pairs}, info
+
+
+def _paired_gains(store: RunStore, k: int, start: int, samples) -> dict[str, float]:
+    """Round k's held-out generation accuracy vs the base model and vs the round it started from,
+    paired over prompts (same prompts, same seeds every round: pipelines.evaluate.paired_gain)."""
+    from pipelines.evaluate import paired_gain
+
+    if not k:
+        return {}
+    out = {}
+    for name, ref in (("gen_gain_vs_base", 0), ("gen_gain_vs_start", start)):
+        reference = store.read_table(ref, "evaluate", "samples").to_pandas()
+        out.update(paired_gain(samples, reference, name, seed=k))
+        if "second_verdict" in samples and "second_verdict" in reference:
+            out.update(paired_gain(samples, reference, name + "_second", seed=k, verdict="second_verdict"))
+    return out
 
 
 def evaluate_base(ctx) -> dict:
     """Round 0: the base model's held-out metrics; it is the first `best`."""
     evaluated = ctx.stage(0, "evaluate", lambda: evaluate(ctx, 0, {"adapter_round": None}))
     if ctx.store.pointer("best") is None:
-        ctx.store.set_pointer("best", 0)
-        ctx.store.set_pointer("latest", 0)
+        for name in ("best", "latest", "head"):
+            ctx.store.set_pointer(name, 0)
     ctx.tracker.log_samples(0, evaluated["samples"])
     return {"round": 0, "start": None, "decision": {"promote": True, "degraded": False, "reason": "base model"},
             "metrics": evaluated["metrics"]}
@@ -138,12 +176,15 @@ def audit(ctx, k: int, evaluated: dict):
 
 
 def promote(store: RunStore, k: int, decision: dict):
-    """Move `latest` to k; move `best` to k only when the audit says so (a worse round is never promoted)."""
+    """Move `latest` to k; `best` only when the audit says so (a worse round is never promoted);
+    `head` (audit.continue_from=last_kept) when round k made a new model that was not degraded."""
     store.set_pointer("latest", k)
     if decision["promote"]:
         store.set_pointer("best", k)
-    best = store.pointer("best")
-    return {"best": best}, {"best": best}
+    if decision.get("round") == k and not decision["degraded"]:
+        store.set_pointer("head", k)
+    best, head = store.pointer("best"), store.pointer("head")
+    return {"best": best, "head": head}, {"best": best, "head": head}
 
 
 def round_metrics(k: int, judged, pooled: dict, trained: dict, decision: dict, timings: dict) -> dict[str, Any]:

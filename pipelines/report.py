@@ -55,7 +55,9 @@ def write_report(store, history: list[dict], grid: Optional[dict] = None) -> str
     lines = [f"# unigap run `{store.run_name}`", "",
              "External metrics come from a judge that is not the model (shapes oracle or a separate "
              "VLM); the Nonunified score is internal (own judge rejects own generations). Every rate: "
-             "value [95% Wilson CI], n. A round is promoted when its external metric is not below the "
+             "value [95% Wilson CI], n; the gain vs base is the paired difference over the same held-out "
+             "prompts and seeds, with a bootstrap 95% CI over prompts. A round is promoted when its "
+             "external metric is not below the "
              "best promoted round's; degraded when it fell by more than the tolerance.", "",
              round_table(records), "", f"![metrics per round]({METRICS_PNG})", ""]
     if grid_png is not None:
@@ -108,15 +110,26 @@ def _decision(r: dict) -> tuple[str, str]:
     return text, ("**CO-DEGRADATION**" if r.get("audit/co_degraded") else "")
 
 
+def _fmt_gain(r: dict, name: str = "gen_gain_vs_base") -> str:
+    """'+0.031 [+0.010, +0.052] n=130' (a paired difference over prompts), or '—'."""
+    v = r.get(f"eval/{name}")
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    lo, hi, n = (r.get(f"eval/{name}/{k}") for k in ("ci_low", "ci_high", "n"))
+    return f"{v:+.3f} [{lo:+.3f}, {hi:+.3f}] n={int(n)}"
+
+
 def round_table(records: list[dict]) -> str:
     """The markdown table: one row per round."""
-    header = ["round"] + [label for _, label in HEADLINE] + ["audit", "co-degradation", "stage times (s)"]
+    header = ["round", HEADLINE[0][1], "Gen. gain vs base (paired over prompts)"] + \
+        [label for _, label in HEADLINE[1:]] + ["audit", "co-degradation", "stage times (s)"]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in records:
         decision, co = _decision(r)
         times = ", ".join(f"{k.split('/', 1)[1]} {v:.1f}" for k, v in r.items()
                           if k.startswith("time/") and isinstance(v, (int, float)))
-        cells = [str(int(r.get("round", 0)))] + [_fmt_rate(r, n) for n, _ in HEADLINE] + [decision, co, times or "—"]
+        rates = [_fmt_rate(r, n) for n, _ in HEADLINE]
+        cells = [str(int(r.get("round", 0))), rates[0], _fmt_gain(r)] + rates[1:] + [decision, co, times or "—"]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 

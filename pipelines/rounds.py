@@ -60,8 +60,8 @@ def run_stage(store: RunStore, k: int, name: str, compute) -> Any:
 def progress(k: int, stage: str, info: dict, resumed: bool = False) -> str:
     """One console line per stage."""
     keys = [x for x in ("rows", "prompts", "accepted", "rejected", "uncertain", "nonunified", "replayed",
-                        "admitted", "steps", "loss", "gen_accuracy", "und_accuracy", "decision", "best")
-            if x in info]
+                        "admitted", "sft_rows", "steps", "loss", "gen_accuracy", "gain_vs_base", "und_accuracy",
+                        "decision", "best", "head") if info.get(x) is not None]
     shown = " ".join(f"{x}={info[x]:.3f}" if isinstance(info[x], float) else f"{x}={info[x]}" for x in keys)
     return f"[round {k}] {stage:<9} {'resumed' if resumed else 'done':<7} {info.get('seconds', 0):7.1f}s  {shown}"
 
@@ -146,7 +146,13 @@ def generate(cfg: Config, prompts: list[dict], k: int, adapter: Optional[str]):
 
 def judge(cfg: Config, samples: pd.DataFrame, k: int, adapter: Optional[str]):
     df = stages.judge_table(samples, cfg, adapter=adapter)
-    if cfg.judge.corrupt != "none":  # control arm: the judge is corrupted on purpose
+    if cfg.judge.corrupt == "oracle":  # control arm: a perfect judge (the upper bound)
+        from shapes.oracle import check_many
+
+        raw = df["score"].copy()
+        df = P.oracle_scores(df, check_many([stages._unpng(b) for b in df["png"]], list(df["prompt"])))
+        df["raw_score"] = raw.values
+    elif cfg.judge.corrupt != "none":  # control arm: the judge is corrupted on purpose
         raw = df["score"].copy()
         df = P.corrupt_scores(df, cfg.judge.corrupt, seed=derive_seed(cfg.run.seed, k, "corrupt"))
         df["raw_score"] = raw.values
@@ -176,13 +182,15 @@ def pool(ctx, k: int, judged: pd.DataFrame, prompts: list[dict]):
     info = {"accepted": int(counts.get("accepted", 0)), "rejected": int(counts.get("rejected", 0)),
             "uncertain": int(counts.get("uncertain", 0)), "discarded_prompts": len(discard),
             "pairs": len(pairs), "replayed": len(replayed), "admitted": len(replayed & set(accepted_ids))}
-    result = {"data": pooled, "sft": P.sft_set(pooled), "pairs": pairs, "discard": discard,
+    sft = P.sft_set(pooled, cfg.pools.sft_select, cfg.pools.best_of_n_keep_above)
+    info["sft_rows"] = len(sft)
+    result = {"data": pooled, "sft": sft, "pairs": pairs, "discard": discard,
               "accepted_prompt_ids": accepted_ids}
     return result, info
 
 
 # ------------------------------------------------------------------ train / evaluate / audit / promote
-from pipelines.improve import audit, evaluate, evaluate_base, promote, round_metrics, train  # noqa: E402,F401
+from pipelines.improve import audit, evaluate, evaluate_base, promote, round_metrics, start_model, train  # noqa: E402,F401
 
 
 def write_report(ctx, history: list[dict]) -> str:

@@ -51,7 +51,7 @@ import yaml
 from pipelines.config import HASH_EXCLUDE, Config, config_from_dict, config_hash, dump_config, flatten_config
 
 MANIFEST_FORMAT = 1
-POINTERS = ("best", "latest")
+POINTERS = ("best", "latest", "head")
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _VERSIONED = ("torch", "transformers", "peft", "trl", "ray", "pyarrow", "numpy", "pandas")
 
@@ -251,7 +251,7 @@ class RunStore:
         return None if entry is None else entry["info"]
 
     def set_pointer(self, name: str, round_: Optional[int]) -> None:
-        """Point `best` or `latest` at a round (None clears it)."""
+        """Point `best`, `latest` or `head` (the last round not rolled back) at a round (None clears it)."""
         if name not in POINTERS:
             raise RunStoreError(f"unknown pointer {name!r}; known: {list(POINTERS)}")
         manifest = self.manifest()

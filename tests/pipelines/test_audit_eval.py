@@ -235,3 +235,39 @@ def test_win_rate_by_hand():
     assert und_win_rate(base, base)[0].n == 0 and math.isnan(und_win_rate(base, base)[0].rate)
     with pytest.raises(ValueError, match="differ"):
         und_win_rate(cur, base.iloc[:5])
+
+
+def test_paired_gain_of_an_evaluation_against_itself_and_an_inverted_judge(base_eval, prompts):
+    from models.loading import load_model
+    from pipelines.evaluate import paired_gain
+
+    _, samples = base_eval
+    same = paired_gain(samples, samples, "gain")
+    assert (same["eval/gain"], same["eval/gain/ci_low"], same["eval/gain/ci_high"]) == (0.0, 0.0, 0.0)
+    assert same["eval/gain/n"] == 6
+    _, inverted = evaluate_round(load_model("tiny"), InvertedJudge(OracleJudge()), prompts, EVAL, judge_mode="prob")
+    flipped = paired_gain(inverted, samples, "gain")
+    acc = base_eval[0]["eval/gen_accuracy"]
+    assert flipped["eval/gain"] == pytest.approx((1 - acc) - acc)  # = the accuracy difference
+    assert flipped["eval/gain/ci_low"] <= flipped["eval/gain"] <= flipped["eval/gain/ci_high"]
+    used = [r for r in prompts if r["prompt_id"] in set(samples["prompt_id"])]  # the same 6 prompts
+    other_seeds = evaluate_round(load_model("tiny"), OracleJudge(), used,
+                                 EvalConfig(num_prompts=6, num_images=2, understanding_pairs=0, seed=6),
+                                 judge_mode="prob").samples
+    with pytest.raises(ValueError, match="different seeds"):
+        paired_gain(other_seeds, samples, "gain")
+    with pytest.raises(ValueError, match="no held-out prompt in common"):
+        paired_gain(samples[samples["prompt_id"] == used[0]["prompt_id"]],
+                    samples[samples["prompt_id"] != used[0]["prompt_id"]], "gain")
+
+
+def test_second_verdict_column_and_metrics(base_eval):
+    from pipelines.evaluate import paired_gain, second_verdict
+
+    samples, metrics = second_verdict(base_eval[1])
+    gen = samples["kind"] == "generation"
+    assert samples.loc[gen, "second_verdict"].isin([0.0, 1.0]).all() and samples.loc[~gen, "second_verdict"].isna().all()
+    assert metrics["eval/gen_accuracy_second/n"] == 12 and metrics["eval/verdict_agreement/n"] == 12
+    agree = (samples.loc[gen, "second_verdict"] == samples.loc[gen, "external_verdict"].astype(float)).mean()
+    assert metrics["eval/verdict_agreement"] == pytest.approx(agree)
+    assert paired_gain(samples, samples, "g", verdict="second_verdict")["eval/g"] == 0.0

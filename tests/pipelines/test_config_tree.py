@@ -114,11 +114,18 @@ def test_unknown_yaml_key_suggests(tmp_path):
     (["prompts.source=prompts.txt", "audit.backend=vlm", "audit.vlm_path=x"], "prompts.source"),
     (["model.lora.target_modules=\"(\""], "model.lora.target_modules"),
     (["run.name=a/b"], "run.name"),
+    (["train.logprob_branch=conditional", "generate.cfg_weight=2.0"], "train.logprob_branch"),
 ])
 def test_impossible_combinations_name_the_key(override, key):
     with pytest.raises(ConfigError) as err:
         load_config(None, override)
     assert err.value.key == key
+
+
+def test_conditional_training_only_where_it_is_what_is_sampled_or_forced():
+    load_config(None, ["train.logprob_branch=conditional", "generate.cfg_weight=1.0"])
+    cfg = load_config(None, ["train.logprob_branch=conditional", "train.allow_cfg_mismatch=true"])
+    assert cfg.generate.cfg_weight != 1.0 and cfg.train.logprob_branch == "conditional"
 
 
 def test_curriculum_start_round_ok_when_disabled_and_dpo_with_pairs_ok():

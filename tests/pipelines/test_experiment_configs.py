@@ -15,6 +15,7 @@ EXPECTED = {
     "c-dpo": {"train.objective": "dpo", "curriculum.enabled": True, "curriculum.start_round": 2},
     "judge-random": {"judge.corrupt": "random"},
     "judge-inverted": {"judge.corrupt": "inverted"},
+    "judge-oracle": {"judge.corrupt": "oracle"},
 }
 
 

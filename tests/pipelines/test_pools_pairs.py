@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 
 from pipelines.pools import (as_frame, assign_pools, corrupt_scores, discard_pool, dpo_pairs,
-                             nonunified_score, sft_set)
+                             nonunified_score, oracle_scores, sft_set)
 from pipelines.schemas import check_table
-from pipelines.stats import diff_ci, rate, wilson_ci
+from pipelines.stats import diff_ci, paired_bootstrap, rate, wilson_ci
 
 
 def judged(pid, scores, category="single", valid=None, round_=1):
@@ -64,6 +64,40 @@ def test_sft_set(pooled):
     out = sft_set(pooled)
     assert list(zip(out["prompt_id"], out["sample_index"])) == [("a", 0), ("a", 1), ("c", 0)]
     check_table(out, "sft", "pool")
+
+
+def test_sft_best_of_n_keeps_the_top_sample_per_prompt_and_any_above_the_bar():
+    rows = judged("a", [0.7, 0.95, 0.8, 0.92]) + judged("b", [0.65, 0.65, 0.2]) + judged("c", [0.1])
+    pooled = assign_pools(rows, accept_threshold=0.6, reject_threshold=0.4)
+    out = sft_set(pooled, "best_of_n", keep_above=0.9)
+    # a: the best (0.95) plus 0.92 > 0.9; b: one of two tied tops (the first); c: nothing accepted
+    assert list(zip(out["prompt_id"], out["sample_index"])) == [("a", 1), ("a", 3), ("b", 0)]
+    assert len(sft_set(pooled, "all")) == 6
+    check_table(out, "sft", "pool")
+    with pytest.raises(ValueError):
+        sft_set(pooled, "top3")
+
+
+def test_oracle_scores_replace_the_judge_and_keep_its_score(pooled):
+    verdicts = [i % 2 == 0 for i in range(len(pooled))]
+    out = oracle_scores(pooled, verdicts)
+    assert out["score"].tolist() == [float(v) for v in verdicts] and out["valid"].all()
+    assert out["uncorrupted_score"].tolist()[:2] == [0.9, 0.7]
+    with pytest.raises(ValueError, match="verdicts"):
+        oracle_scores(pooled, verdicts[:-1])
+
+
+def test_paired_bootstrap_is_tighter_than_independent_intervals():
+    rng = np.random.default_rng(0)
+    difficulty = rng.uniform(0, 1, 200)  # per-prompt accuracy varies a lot between prompts
+    a, b = np.clip(difficulty + 0.02, 0, 1), difficulty  # a is (almost) uniformly 2 points better
+    d, lo, hi = paired_bootstrap(a, b, seed=1)
+    assert d == pytest.approx(np.mean(a - b)) and lo > 0.0 and hi - lo < 0.01
+    _, ilo, ihi = diff_ci(int(a.sum() * 16), 3200, int(b.sum() * 16), 3200)
+    assert ilo < 0.0 < ihi  # two independent intervals cannot resolve it
+    same = paired_bootstrap(b, b)
+    assert same == (0.0, 0.0, 0.0)
+    assert math.isnan(paired_bootstrap([], [])[0])
 
 
 def test_best_worst_pairs(pooled):

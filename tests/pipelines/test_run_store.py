@@ -33,7 +33,7 @@ def test_init_writes_layout_and_manifest(tmp_path, cfg):
     on_disk = json.loads((tmp_path / "r1" / "manifest.json").read_text())
     assert on_disk["config_hash"] == manifest["config_hash"] and on_disk["seed"] == 7
     assert {"python", "torch", "ray", "pyarrow"} <= set(on_disk["versions"])
-    assert "git_sha" in on_disk and on_disk["pointers"] == {"best": None, "latest": None}
+    assert "git_sha" in on_disk and on_disk["pointers"] == {"best": None, "latest": None, "head": None}
 
 
 def test_tables_markers_pointers_and_resume(tmp_path, cfg):
@@ -179,3 +179,23 @@ def test_clear_stage_only_for_incomplete_stages(tmp_path, cfg):
     store.mark_done(1, "generate", {})
     with pytest.raises(RunStoreError, match="complete"):
         store.clear_stage(1, "generate")
+
+
+@pytest.mark.parametrize("continue_from, starts", [("last_kept", [0, 1, 2, 2, 4]), ("best", [0, 1, 1, 1, 4])])
+def test_rounds_continue_from_the_last_kept_or_the_best_round(tmp_path, continue_from, starts):
+    """Round 1 promoted, 2 held within tolerance, 3 degraded (rolled back), 4 promoted."""
+    from pipelines.improve import promote, start_model
+
+    cfg = load_config(None, [f"audit.continue_from={continue_from}"])
+    store = RunStore(str(tmp_path), "r")
+    store.init(cfg)
+    for name in ("best", "latest", "head"):
+        store.set_pointer(name, 0)
+    seen = [start_model(store, cfg)]
+    for k, (promoted, degraded) in enumerate([(True, False), (False, False), (False, True), (True, False)], 1):
+        promote(store, k, {"round": k, "promote": promoted, "degraded": degraded})
+        seen.append(start_model(store, cfg))
+    assert seen == starts
+    assert (store.pointer("best"), store.pointer("latest"), store.pointer("head")) == (4, 4, 4)
+    promote(store, 5, {"promote": False, "degraded": False, "reason": "no new adapter (training skipped)"})
+    assert store.pointer("head") == 4 and store.pointer("latest") == 5  # no new model: the chain stays

@@ -111,3 +111,37 @@ def test_robust_to_mild_blur_and_noise():
 def test_check_many_requires_aligned_inputs():
     with pytest.raises(ValueError):
         check_many([np.zeros((32, 32, 3), np.uint8)], [])
+
+
+# ----------------------------------------------------------------------------- the second verdict
+def test_second_verdict_agrees_with_the_oracle_on_renders_hard_negatives_and_blur():
+    from shapes.mask_verdict import mask_check
+
+    rng = np.random.default_rng(5)
+    agree, total = 0, 0
+    for spec in all_prompts():
+        scene = sample_scene(spec, rng)
+        clean = render(scene)
+        negative = hard_negative(spec, rng, scene=scene)
+        assert mask_check(clean, spec) and not mask_check(clean, negative)
+        blurred = np.clip(gaussian_blur(clean, 0.7) + rng.normal(0.0, 10.0, clean.shape), 0, 255).astype(np.uint8)
+        agree += mask_check(blurred, spec) == check(blurred, spec)
+        total += 1
+    assert agree / total >= 0.97
+
+
+def test_second_verdict_finds_no_shape_in_a_smear_and_flags_threshold_blobs():
+    from shapes.mask_verdict import cell_objects, near_threshold
+
+    smear = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    smear[2:4, 1:15] = (255, 0, 0)  # a 2 x 14 streak: paint, but no world shape
+    smear[6:8, 1:15] = (255, 0, 0)
+    assert [o.shape for o in cell_objects(smear)] == ["unknown"]
+    square = render(sample_scene(parse_prompt("a red square"), np.random.default_rng(0)))
+    assert not near_threshold(square)  # fill 1.0, taper 1.0: far from both thresholds
+    blob = np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    blob[2:14, 2:14] = (255, 0, 0)
+    blob[2, 2], blob[2, 13], blob[13, 2], blob[13, 13] = 0, 0, 0, 0  # a square with clipped corners
+    blob[3, 2], blob[2, 3], blob[3, 13], blob[2, 12] = 0, 0, 0, 0
+    blob[13, 3], blob[12, 2], blob[13, 12], blob[12, 13] = 0, 0, 0, 0
+    assert near_threshold(blob)  # fill 132/144 = 0.917: within 0.04 of the square/circle cut 0.88
