@@ -5,7 +5,10 @@ of Han et al.'s Algorithm 1 on the shipped model:
   1. sample N images for each of P TRAIN prompts (cfg as in shapes.evaluate);
   2. judge them with the model's own judge (default mode, accept at score >= 0.5);
   3. fine-tune LoRA (+ the generation head) on the accepted (prompt, image tokens) pairs with
-     `trainers.losses.sft_loss` over `m.image_logprobs` (teacher-forced, conditional branch);
+     `trainers.losses.sft_loss` over `m.image_logprobs` (teacher-forced) on the distribution the
+     samples were drawn from (`--loss-branch guided`, the default: CFG at the sampling weight, both
+     branches trained) or on the conditional branch alone (`conditional`: the recipe of the shipped
+     gonogo.json, which made every arm worse; see the model card);
   4. score held-out generation with the exact oracle, before and after.
 Two controls train the same recipe on other subsets of the same samples:
   * random judge: as many samples as the own judge accepted, chosen at random;
@@ -30,7 +33,7 @@ import torch
 
 from models.janus import JanusUnified
 from models.lora import LoraSpec, attach_lora
-from shapes.evaluate import by_category, generate, heldout_prompts
+from shapes.evaluate import GEN_CFG_WEIGHT, by_category, generate, heldout_prompts
 from shapes.oracle import check
 from shapes.world import train_prompts
 from trainers.losses import sft_loss
@@ -60,8 +63,9 @@ def arms(samples: dict, seed: int) -> dict[str, np.ndarray]:
 
 
 def sft(base: JanusUnified, prompts: list[str], tokens: torch.Tensor, steps: int, batch: int,
-        lr: float, seed: int) -> tuple[JanusUnified, list[float]]:
-    """LoRA rejection-sampling SFT on (prompt, image tokens) rows; returns the tuned copy and losses."""
+        lr: float, seed: int, loss_cfg: float | None = None) -> tuple[JanusUnified, list[float]]:
+    """LoRA rejection-sampling SFT on (prompt, image tokens) rows; returns the tuned copy and losses.
+    loss_cfg: guidance weight of the log-probs (None: the conditional branch alone)."""
     m = JanusUnified(copy.deepcopy(base.janus), base.processor, base.default_judge_mode)
     m = attach_lora(m, LoraSpec(r=8, alpha=16))
     params = [p for p in m.model.parameters() if p.requires_grad]
@@ -71,7 +75,7 @@ def sft(base: JanusUnified, prompts: list[str], tokens: torch.Tensor, steps: int
     m.model.train()
     for step in range(steps):
         pick = rng.choice(len(prompts), min(batch, len(prompts)), replace=False)
-        logp = m.image_logprobs([prompts[i] for i in pick], tokens[pick]).per_token  # (B, T)
+        logp = m.image_logprobs([prompts[i] for i in pick], tokens[pick], cfg_weight=loss_cfg).per_token  # (B, T)
         loss = sft_loss(logp)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -106,13 +110,14 @@ def run(m: JanusUnified, args) -> dict:
     report["base"] = score(m, args.heldout_images, samples["specs"], args.train_images, args.seed, args.cfg_weight)
     print("base", json.dumps({k: v["overall"] for k, v in report["base"].items()}), flush=True)
     prompts = [s.text for s in samples["flat"]]
+    loss_cfg = (args.cfg_weight or GEN_CFG_WEIGHT) if args.loss_branch == "guided" else None
     for name, idx in arms(samples, args.seed).items():
         if len(idx) == 0:
             report[name] = {"skipped": "no accepted samples"}
             continue
         t1 = time.time()
         tuned, losses = sft(m, [prompts[i] for i in idx], samples["tokens"][idx], args.steps, args.batch,
-                            args.lr, args.seed)
+                            args.lr, args.seed, loss_cfg=loss_cfg)
         report[name] = {"train_rows": int(len(idx)), "loss_first": float(np.mean(losses[:10])),
                         "loss_last": float(np.mean(losses[-10:])),
                         **score(tuned, args.heldout_images, samples["specs"], args.train_images, args.seed,
@@ -138,6 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--train-images", type=int, default=2, help="per round train prompt")
     ap.add_argument("--cfg-weight", type=float, default=None,
                     help="guidance for sampling and scoring (default: shapes.evaluate.GEN_CFG_WEIGHT)")
+    ap.add_argument("--loss-branch", choices=("guided", "conditional"), default="guided",
+                    help="SFT log-probs on the sampled (guided) distribution, or the conditional branch alone")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)

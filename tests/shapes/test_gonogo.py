@@ -19,11 +19,11 @@ def test_one_round_reports_every_arm_on_the_same_samples(tmp_path):
     torch.set_num_threads(1)
     out = tmp_path / "gonogo.json"
     main(["--prompts", "6", "--samples", "4", "--steps", "2", "--batch", "4", "--heldout-images", "1",
-          "--train-images", "1", "--cfg-weight", "1", "--out", str(out)])
+          "--train-images", "1", "--cfg-weight", "2", "--loss-branch", "guided", "--out", str(out)])
     r = json.loads(out.read_text())
     rnd = r["round"]
     assert rnd["samples"] == 24 and 0 <= rnd["accepted_own"] <= 24 and 0 <= rnd["oracle_correct"] <= 24
-    assert r["settings"]["cfg_weight"] == 1.0
+    assert r["settings"]["cfg_weight"] == 2.0 and r["settings"]["loss_branch"] == "guided"
     assert r["base"]["heldout"]["overall"]["n"] == 130 and r["base"]["train"]["overall"]["n"] == 6
     for arm, rows in (("own_judge", rnd["accepted_own"]), ("random_judge", rnd["accepted_own"]),
                       ("oracle_judge", rnd["oracle_correct"])):
