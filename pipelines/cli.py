@@ -69,7 +69,7 @@ def _add_optional(sub) -> None:
     import importlib
     import importlib.util
 
-    for module in ("shapes.evaluate", "pipelines.driver", "serve.app"):
+    for module in ("shapes.evaluate", "pipelines.driver", "pipelines.compare", "serve.app"):
         if importlib.util.find_spec(module.split(".")[0]) and importlib.util.find_spec(module):
             importlib.import_module(module).add_cli(sub)
 

@@ -76,6 +76,24 @@ def test_two_rounds_end_to_end(finished):
     assert list((run_dir / "wandb").glob("**/offline-run-*")), "W&B offline run missing"
 
 
+def test_compare_tables_the_finished_run_with_paired_gains(finished, tmp_path):
+    run_dir, _ = finished
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    r = unigap("compare", str(run_dir), str(run_dir), "--out", str(tmp_path / "cmp.md"), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = (tmp_path / "cmp.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| two | ")]
+    assert len(rows) == 2 * 3 + 2  # 3 rounds (0-2) per copy of the run, plus 2 summary rows
+    for k in (1, 2):
+        m = manifest["rounds"][str(k)]["stages"]["evaluate"]["info"]["result"]["metrics"]
+        gain = m["eval/gen_gain_vs_base"]
+        assert gain == pytest.approx(m["eval/gen_accuracy"] - manifest["rounds"]["0"]["stages"]["evaluate"]["info"]
+                                     ["result"]["metrics"]["eval/gen_accuracy"], abs=1e-9)  # paired == difference
+        assert m["eval/gen_gain_vs_base/ci_low"] <= gain <= m["eval/gen_gain_vs_base/ci_high"]
+        assert f"| two | {k} | " in text and f"{100 * gain:+.1f} [" in text
+    assert (tmp_path / "cmp.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_resume_after_sigkill_gives_the_same_manifest(finished, tmp_path):
     reference, _ = finished
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
