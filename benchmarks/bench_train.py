@@ -4,7 +4,9 @@ resident reference model.
 Each variant runs in its own subprocess (so peak RSS is its own) on the shapes-sized tiny Janus
 (32 px, 64 image tokens, hidden 192, 4 layers, codebook 256), with the exact per-step code Ray Train
 workers run (`trainers.train.train_step`, no Ray, no DDP: the per-worker number). Variants:
-  * sft            SFT steps.
+  * sft            SFT steps, log-probs of the conditional branch.
+  * sft_guided     SFT steps, log-probs of the guided distribution at CFG 2 (both branches: what
+                   unigap trains by default, train.logprob_branch=guided).
   * dpo_precomp    DPO steps, reference log-probs read from the rows (what unigap does).
   * dpo_resident   DPO steps plus, each step, a forward of a resident reference model (a deepcopy of
                    the base model kept in memory), as a trainer without precomputation would do.
@@ -26,7 +28,7 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ("sft", "dpo_precomp", "dpo_resident")
+VARIANTS = ("sft", "sft_guided", "dpo_precomp", "dpo_resident")
 PROMPTS = ["a red circle", "two blue squares", "a green triangle left of a yellow circle", "three purple circles"]
 
 
@@ -56,7 +58,7 @@ def run_variant(variant: str, steps: int, batch: int, warmup: int) -> dict:
     torch.manual_seed(0)
     policy = attach_lora(base, LoraSpec(r=16, alpha=32))
     policy.model.train()
-    objective = "sft" if variant == "sft" else "dpo"
+    objective = "sft" if variant.startswith("sft") else "dpo"
     args = TrainArgs(objective=objective, model_path="tiny", num_workers=1, batch_size=batch, lr=1e-3,
                      storage_path="/unused")
     n = batch * (steps + warmup)
@@ -65,7 +67,7 @@ def run_variant(variant: str, steps: int, batch: int, warmup: int) -> dict:
     data = PackedRows(prompts=[PROMPTS[i % 4] for i in range(n)],
                       tokens={c: rng.integers(0, V, (n, T)) for c in cols},  # (n, T) each
                       ref_logp={c: np.full(n, -T * np.log(V)) for c in ("ref_chosen_logp", "ref_rejected_logp")})
-    model = PolicyLogprobs(policy)
+    model = PolicyLogprobs(policy, cfg_weight=2.0 if variant == "sft_guided" else 1.0)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, 0, steps + warmup, "constant"))
     tokens, t0 = 0, 0.0
@@ -118,6 +120,9 @@ def main() -> None:
     for v, r in results.items():
         print(f"{v:14s} {r['tokens_per_s']:9.0f} {r['step_s']:7.3f} {r['weights_mib']:12.1f} "
               f"{r['peak_rss_mib']:13.0f} {r['peak_rss_mib'] - r['baseline_rss_mib']:11.0f}")
+    cond, guided = results["sft"], results["sft_guided"]
+    print(f"guided / conditional SFT: s/step x{guided['step_s'] / cond['step_s']:.2f}, "
+          f"peak RSS x{guided['peak_rss_mib'] / cond['peak_rss_mib']:.2f}")
     pre, res = results["dpo_precomp"], results["dpo_resident"]
     above = lambda r: r["peak_rss_mib"] - r["baseline_rss_mib"]  # noqa: E731
     print(f"resident / precomputed reference: weights x{res['weights_mib'] / pre['weights_mib']:.2f}, "
