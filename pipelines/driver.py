@@ -9,7 +9,8 @@ Each stage writes `runs/<run>/round_<k>/<stage>/` and is marked done in the mani
 same command skips finished stages (resume after `kill -9`, a lost job, a KubeRay retry). Round k
 improves the last round that was not rolled back (or the best promoted one: `audit.continue_from`); a
 round whose external metric falls beyond `audit.tolerance` below the best is flagged as co-degradation,
-rolled back and never promoted (`audit.on_degradation`: stop, or continue from the best round). Stage times are logged as `time/<stage>`.
+rolled back and never promoted (`audit.on_degradation`: stop, or continue from the best round). Stage
+times are logged as `time/<stage>`.
 
 Example:
     $ unigap run configs/shapes.yaml run.name=demo train.objective=dpo
@@ -61,7 +62,7 @@ class Ctx:
 
 
 def run_round(ctx: Ctx, k: int) -> dict:
-    """One self-improvement round on one screen: improve the best model so far, audit, promote."""
+    """One self-improvement round on one screen: improve the start model, audit, promote."""
     cfg, store = ctx.cfg, ctx.store
     start = rounds.start_model(store, cfg)  # the model this round improves (0 = base; audit.continue_from)
     adapter = rounds.adapter_path(store, start)
