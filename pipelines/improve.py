@@ -138,9 +138,11 @@ def _paired_gains(store: RunStore, k: int, start: int, samples) -> dict[str, flo
 
     if not k:
         return {}
-    out = {}
+    out, tables = {}, {}
     for name, ref in (("gen_gain_vs_base", 0), ("gen_gain_vs_start", start)):
-        reference = store.read_table(ref, "evaluate", "samples").to_pandas()
+        if ref not in tables:  # start is often the base itself: read each round's table once
+            tables[ref] = store.read_table(ref, "evaluate", "samples").to_pandas()
+        reference = tables[ref]
         out.update(paired_gain(samples, reference, name, seed=k))
         if "second_verdict" in samples and "second_verdict" in reference:
             out.update(paired_gain(samples, reference, name + "_second", seed=k, verdict="second_verdict"))

@@ -146,15 +146,15 @@ def generate(cfg: Config, prompts: list[dict], k: int, adapter: Optional[str]):
 
 def judge(cfg: Config, samples: pd.DataFrame, k: int, adapter: Optional[str]):
     df = stages.judge_table(samples, cfg, adapter=adapter)
-    if cfg.judge.corrupt == "oracle":  # control arm: a perfect judge (the upper bound)
-        from shapes.oracle import check_many
+    if cfg.judge.corrupt != "none":  # control arm: the judge's scores replaced on purpose
+        raw = df["score"].copy()
+        if cfg.judge.corrupt == "oracle":  # a perfect judge (the upper bound)
+            from pipelines.audit import OracleJudge
 
-        raw = df["score"].copy()
-        df = P.oracle_scores(df, check_many([stages._unpng(b) for b in df["png"]], list(df["prompt"])))
-        df["raw_score"] = raw.values
-    elif cfg.judge.corrupt != "none":  # control arm: the judge is corrupted on purpose
-        raw = df["score"].copy()
-        df = P.corrupt_scores(df, cfg.judge.corrupt, seed=derive_seed(cfg.run.seed, k, "corrupt"))
+            images = [stages._unpng(b) for b in df["png"]]
+            df = P.oracle_scores(df, OracleJudge().verdicts(images, list(df["prompt"])))
+        else:
+            df = P.corrupt_scores(df, cfg.judge.corrupt, seed=derive_seed(cfg.run.seed, k, "corrupt"))
         df["raw_score"] = raw.values
     ns = P.nonunified_score(df)
     return df, {"rows": len(df), "invalid": int((~df["valid"]).sum()), "nonunified": ns.overall.rate,
