@@ -92,7 +92,7 @@ class PromptsConfig:
 @dataclass
 class GenerateConfig:
     num_images: int = _f(8, "N images sampled per prompt.", ge=1)
-    cfg_weight: float = _f(5.0, "Classifier-free guidance weight; 1.0 = no guidance.", ge=1.0)
+    cfg_weight: float = _f(5.0, "Classifier-free guidance weight; 1.0 = no guidance.", ge=1.0, le=20.0)
     temperature: float = _f(1.0, "Sampling temperature of the image tokens.", gt=0)
     top_k: Optional[int] = _f(None, "Sample only among the k most likely tokens (None = all).", ge=1)
     batch_size: int = _f(16, "Prompts per model call.", ge=1)
@@ -142,7 +142,7 @@ class TrainConfig:
     objective: Literal["sft", "dpo"] = _f("sft", "sft on accepted samples, or dpo on pairs.")
     num_workers: int = _f(1, "Ray Train workers (data-parallel replicas).", ge=1)
     use_gpu: bool = _f(False, "One GPU per train worker.")
-    cpus_per_worker: float = _f(1.0, "CPUs reserved per train worker.", ge=0)
+    cpus_per_worker: float = _f(1.0, "CPUs reserved per train worker (Ray Train needs > 0).", gt=0)
     lr: float = _f(3e-4, "Peak learning rate (AdamW).", gt=0)
     weight_decay: float = _f(0.0, "AdamW weight decay on the adapter (0: no pull back towards the start model).", ge=0)
     logprob_branch: Literal["guided", "conditional"] = _f(

@@ -5,7 +5,7 @@ nothing about unigap and only does the mechanics (how a nested dict and `a.b=val
 a checked dataclass). Split out so the tree stays readable on its own and each file stays short.
 
 Fields carry their doc and range in `field(metadata=...)` (use `doc_field` / `section_field`).
-Types understood: int, float (ints accepted), bool, str, Literal[str...], list[T], Optional / unions
+Types understood: int, float (ints accepted; NaN and +-inf refused), bool, str, Literal[str...], list[T], Optional / unions
 and nested dataclasses. Every problem is a `ConfigError` naming the dotted key.
 
 Example:
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import re
 import types
 from dataclasses import field, fields, is_dataclass
@@ -186,12 +187,24 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, list):
             return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     elif tp is float and isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
-        return float(value)  # PyYAML reads `3e-4` (no dot) as a string: accept it for floats
+        return _finite(float(value), key)  # PyYAML reads `3e-4` (no dot) as a string: accept it
     elif tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        return _finite(value, key)
     elif tp in (int, str, bool) and type(value) is tp:
         return value
     raise ConfigError(key, f"expected {_type_name(tp)}, got {_type_name(type(value))} {value!r}")
+
+
+def _finite(value: int | float, key: str) -> float:
+    """A float field's value: NaN and +-inf are refused (a NaN tolerance or lr silently disables
+    every comparison made with it), as are ints too large for a float."""
+    try:
+        out = float(value)
+    except OverflowError:
+        raise ConfigError(key, f"number too large for a float: {str(value)[:20]}...") from None
+    if not math.isfinite(out):
+        raise ConfigError(key, f"must be a finite number, got {value}")
+    return out
 
 
 def _type_name(tp: Any) -> str:

@@ -91,6 +91,26 @@ def test_override_errors_name_the_key(override, key, words):
     assert str(err.value).startswith(key + ":")
 
 
+@pytest.mark.parametrize("key", ["train.lr", "audit.tolerance", "generate.cfg_weight", "generate.temperature",
+                                 "pools.accept_threshold", "train.beta"])
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", ".NaN"])
+def test_non_finite_floats_are_refused(key, value, tmp_path):
+    # A NaN tolerance makes every "is this round worse?" comparison False: nothing is ever flagged.
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"{key}={value}"])
+    assert err.value.key == key and "finite" in str(err.value)
+    section, name = key.split(".")
+    path = tmp_path / "c.yaml"
+    path.write_text(f"{section}:\n  {name}: {value}\n")
+    with pytest.raises(ConfigError, match="finite"):
+        load_config(path)
+
+
+def test_huge_integers_for_floats_are_refused():
+    with pytest.raises(ConfigError, match="too large"):
+        load_config(None, ["train.lr=" + "9" * 400])
+
+
 def test_unknown_yaml_key_suggests(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("pools:\n  accept_treshold: 0.7\n")
