@@ -84,8 +84,12 @@ def run_round(ctx: Ctx, k: int) -> dict:
 
 def run(cfg: Config) -> dict:
     """All rounds of `cfg` (round 0 = base evaluation); returns the final manifest."""
-    store = RunStore.from_config(cfg)
-    prompt_sets = rounds.load_prompt_sets(cfg, store)  # unusable prompt files fail before Ray starts
+    # Everything is checked before anything is written: a bad prompt file or an unwritable run.root
+    # leaves no run dir behind (whose config hash would block the corrected command).
+    train, heldout, prompt_report = rounds.read_prompt_sets(cfg)
+    store = RunStore.from_config(cfg)  # checks run.root is writable first
+    rounds.write_prompt_report(store, prompt_report)
+    prompt_sets = (train, heldout)
     connect_ray(cfg)
     from pipelines.tracking import Tracker
 

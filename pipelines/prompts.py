@@ -5,9 +5,12 @@ JSONL / CSV / Parquet files with a `prompt` column (optional `id` or `prompt_id`
 `split`), and the serve contradiction log (Parquet: prompt, png, score, round, time), whose prompts
 feed the next round. Files are read through pyarrow filesystems (local, file://, s3://, gs://).
 
-Bad rows never stop a run: empty prompts, non-text prompts, prompts over the token budget, rows
-without a prompt, malformed lines and duplicate ids are skipped and counted by reason in the
-`PromptReport`. A missing file, an unknown format or a file without a `prompt` column is a
+Bad rows never stop a run: empty prompts, non-text prompts, prompts with characters a prompt may not
+hold (`schemas.prompt_text_problem`: control characters, surrogates), lines that are not valid UTF-8,
+prompts over the token budget, rows without a prompt, malformed lines and duplicate ids are skipped
+and counted by reason, with the line (or row) of the first few, in the `PromptReport`.
+Files are streamed (JSONL and CSV line by line, Parquet in record batches) and reading stops once
+`limit` good prompts are kept: memory grows with the prompts kept, not with the file. A missing file, an unknown format or a file without a `prompt` column is a
 `PromptSourceError` (nothing sensible to continue with).
 
 Example:
@@ -35,13 +38,14 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines.schemas import PromptRow
+from pipelines.schemas import PromptRow, prompt_text_problem
 from pipelines.store import resolve_uri
 
 DEFAULT_CATEGORY = "uncategorized"
 CONTRADICTION_CATEGORY = "contradiction_log"  # serve log rows carry no category of their own
-SKIP_REASONS = ("empty", "not_text", "too_long", "duplicate_id", "missing_prompt", "malformed",
-                "other_split")
+SKIP_REASONS = ("empty", "not_text", "bad_characters", "bad_encoding", "too_long", "duplicate_id",
+                "missing_prompt", "malformed", "other_split")
+READ_BUFFER = 1 << 20  # bytes read at a time from a prompt file
 
 
 class PromptSourceError(ValueError):
@@ -103,8 +107,10 @@ def load_prompts(source: str, *, split: str = "train", limit: Optional[int] = No
                 continue
             seen.add(row["prompt_id"])
             rows.append(row)
-    if limit is not None:
-        rows = rows[:limit]
+            if limit is not None and len(rows) >= limit:
+                break  # enough: the rest of the file is never read
+        if limit is not None and len(rows) >= limit:
+            break
     report.kept = len(rows)
     return rows, report
 
@@ -130,6 +136,9 @@ def _clean(raw: dict, where: str, split: str, max_tokens: Optional[int],
     text = text.strip()
     if not text:
         report.skip("empty", where)
+        return None
+    if prompt_text_problem(text):
+        report.skip("bad_encoding" if _undecodable(text) else "bad_characters", where)
         return None
     row_split = raw.get("split")
     if split != "all" and row_split not in (None, "") and str(row_split) != split:
@@ -166,36 +175,50 @@ def _read_source(src: str, split: str, report: PromptReport) -> Iterator[tuple[s
 
 def _jsonl_rows(fs: pafs.FileSystem, path: str, src: str,
                 report: PromptReport) -> Iterator[tuple[str, dict]]:
+    """One record per non-blank line, streamed; undecodable or non-object lines are counted here."""
+    any_object = has_prompt = False
     with fs.open_input_stream(path) as fh:
-        lines = io.TextIOWrapper(fh, encoding="utf-8").read().splitlines()
-    records = []
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue  # blank lines are formatting, not rows
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            record = None
-        records.append((f"{src}:{lineno}", record))
-    valid = [r for _, r in records if isinstance(r, dict)]
-    if valid and not any("prompt" in r for r in valid):
-        raise PromptSourceError(f"{src}: no 'prompt' field in any row")
-    for where, record in records:
-        if isinstance(record, dict):
+        for lineno, raw in enumerate(io.BufferedReader(fh, buffer_size=READ_BUFFER), start=1):
+            where = f"{src}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                report.read += 1
+                report.skip("bad_encoding", where)
+                continue
+            if not line.strip():
+                continue  # blank lines are formatting, not rows
+            try:
+                record = json.loads(line)
+            except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
+                record = None
+            if not isinstance(record, dict):  # counted here because it never reaches _clean
+                report.read += 1
+                report.skip("malformed", where)
+                continue
+            any_object = True
+            has_prompt = has_prompt or "prompt" in record
             yield where, record
-        else:  # counted here because it never reaches _clean
-            report.read += 1
-            report.skip("malformed", where)
+    if any_object and not has_prompt:
+        raise PromptSourceError(f"{src}: no 'prompt' field in any row")
 
 
 def _csv_rows(fs: pafs.FileSystem, path: str, src: str) -> Iterator[tuple[str, dict]]:
+    """Streamed; bytes that are not UTF-8 become lone surrogates (surrogateescape), which `_clean`
+    counts as `bad_encoding` for that row only."""
     with fs.open_input_stream(path) as fh:
-        text = io.TextIOWrapper(fh, encoding="utf-8-sig", newline="").read()
-    reader = csv.DictReader(io.StringIO(text))
-    if reader.fieldnames is None or "prompt" not in reader.fieldnames:
-        raise PromptSourceError(f"{src}: no 'prompt' column (columns: {reader.fieldnames or []})")
-    for lineno, record in enumerate(reader, start=2):  # line 1 is the header
-        yield f"{src}:{lineno}", record
+        text = io.TextIOWrapper(io.BufferedReader(fh, buffer_size=READ_BUFFER), encoding="utf-8-sig",
+                                errors="surrogateescape", newline="")
+        reader = csv.DictReader(text)
+        if reader.fieldnames is None or "prompt" not in reader.fieldnames:
+            raise PromptSourceError(f"{src}: no 'prompt' column (columns: {reader.fieldnames or []})")
+        for record in reader:
+            yield f"{src}:{reader.line_num}", record
+
+
+def _undecodable(text: str) -> bool:
+    """True when `text` holds the lone surrogates surrogateescape makes of undecodable bytes."""
+    return any("\udc80" <= ch <= "\udcff" for ch in text)
 
 
 def _parquet_rows(fs: pafs.FileSystem, path: str, src: str) -> Iterator[tuple[str, dict]]:
@@ -204,12 +227,15 @@ def _parquet_rows(fs: pafs.FileSystem, path: str, src: str) -> Iterator[tuple[st
         raise PromptSourceError(f"{src}: no 'prompt' column (columns: {names})")
     # Only the text columns: a contradiction log also holds PNGs we do not need here.
     wanted = [c for c in ("prompt", "id", "prompt_id", "category", "split") if c in names]
-    table = pq.read_table(path, columns=wanted, filesystem=fs)
     is_log = {"score", "round"} <= set(names) and "category" not in names
-    for i, record in enumerate(table.to_pylist()):
-        if is_log:
-            record["_category"] = CONTRADICTION_CATEGORY
-        yield f"{src}#row{i}", record
+    i = 0
+    with fs.open_input_file(path) as fh:
+        for batch in pq.ParquetFile(fh).iter_batches(batch_size=8192, columns=wanted):
+            for record in batch.to_pylist():
+                if is_log:
+                    record["_category"] = CONTRADICTION_CATEGORY
+                yield f"{src}#row{i}", record
+                i += 1
 
 
 def _shapes_rows(split: str) -> Iterator[tuple[str, dict]]:

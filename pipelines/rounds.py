@@ -69,8 +69,20 @@ def progress(k: int, stage: str, info: dict, resumed: bool = False) -> str:
 # ------------------------------------------------------------------ prompts and adapters
 def load_prompt_sets(cfg: Config, store: RunStore) -> tuple[list[dict], list[dict]]:
     """(training prompts, held-out evaluation prompts); bad rows are counted into the run dir."""
+    train_rows, heldout, report = read_prompt_sets(cfg)
+    write_prompt_report(store, report)
+    return train_rows, heldout
+
+
+def write_prompt_report(store: RunStore, report: dict) -> None:
     import json
 
+    store.write_bytes("prompts_report.json", json.dumps(report, indent=1).encode())
+
+
+def read_prompt_sets(cfg: Config) -> tuple[list[dict], list[dict], dict]:
+    """(training prompts, held-out prompts, the report of skipped rows), writing nothing: the driver
+    checks the prompts before it creates the run dir, so a bad prompt file blocks nothing."""
     p = cfg.prompts
     train_rows, report = load_prompts(p.source, split=p.split, limit=p.limit, max_tokens=p.max_prompt_tokens,
                                       extra_sources=p.extra_sources)
@@ -94,8 +106,7 @@ def load_prompt_sets(cfg: Config, store: RunStore) -> tuple[list[dict], list[dic
         import random
 
         random.Random(cfg.run.seed).shuffle(train_rows)
-    store.write_bytes("prompts_report.json", json.dumps(report.as_dict(), indent=1).encode())
-    return train_rows, heldout
+    return train_rows, heldout, report.as_dict()
 
 
 def round_prompts(ctx, k: int) -> list[dict]:

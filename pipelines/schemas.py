@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Optional, TypedDict, Union
 
@@ -41,6 +42,29 @@ LabelSource = Literal["judge", "human"]
 POOLS: tuple[str, ...] = ("accepted", "rejected", "uncertain")
 LABEL_SOURCES: tuple[str, ...] = ("judge", "human")
 Tokens = Union[list[int], np.ndarray]
+
+
+def prompt_text_problem(text: str) -> Optional[str]:
+    """Why `text` cannot be a prompt, or None. The one rule every entry point applies (prompt files,
+    the serve HTTP API, the contradiction log that feeds later rounds):
+
+    a prompt is non-empty text (after stripping) with no control characters (Unicode category Cc:
+    NUL, tab, newline, DEL, C1 codes) and no surrogates (Cs: not encodable as UTF-8; what a lone
+    UTF-16 half or an undecodable byte becomes). Everything else -- any script, emoji, format
+    characters -- is allowed.
+
+    >>> prompt_text_problem("a red circle") is None, prompt_text_problem("a\x00b"), prompt_text_problem(" ")
+    (True, 'contains a control character (U+0000)', 'is empty')
+    """
+    if not text.strip():
+        return "is empty"
+    for ch in text:
+        cat = unicodedata.category(ch)
+        if cat == "Cc":
+            return f"contains a control character (U+{ord(ch):04X})"
+        if cat == "Cs":
+            return f"contains a lone surrogate (U+{ord(ch):04X}; not valid UTF-8 text)"
+    return None
 
 
 class PromptRow(TypedDict):

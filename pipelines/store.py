@@ -121,8 +121,23 @@ class RunStore:
     def from_config(cls, cfg: Config) -> "RunStore":
         """Open (or create) the run dir named by `cfg.run`, refusing a changed config unless forced."""
         store = cls(cfg.run.root, cfg.run.name)
+        store.check_writable()
         store.init(cfg, force=cfg.run.force)
         return store
+
+    def check_writable(self) -> None:
+        """Refuse, naming run.root, a root that cannot be created or written (before anything of the
+        run is written): a probe file is written next to the run dir and removed."""
+        parent = posixpath.dirname(self.root) or "."
+        probe = posixpath.join(parent, f".unigap-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            self.fs.create_dir(parent, recursive=True)
+            with self.fs.open_output_stream(probe) as fh:
+                fh.write(b"probe")
+            self.fs.delete_file(probe)
+        except (OSError, pa.ArrowException) as e:  # ArrowInvalid etc. for object stores
+            root = self.uri[: -len(self.run_name) - 1]
+            raise RunStoreError(f"run.root={root!r} is not writable ({type(e).__name__}: {e})") from None
 
     # ------------------------------------------------------------------ creation and config check
 

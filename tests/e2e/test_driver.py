@@ -130,6 +130,21 @@ def test_bad_config_fails_before_ray_starts(tmp_path):
     assert time.time() - t < 60 and not list(tmp_path.iterdir()), "nothing may be written for a bad config"
 
 
+def test_bad_prompt_file_or_unwritable_root_writes_nothing(tmp_path):
+    prompts = tmp_path / "p.jsonl"  # training rows only: no held-out rows to evaluate on
+    prompts.write_text("".join(json.dumps({"prompt": f"a red circle {i}", "split": "train"}) + "\n" for i in range(3)))
+    root = tmp_path / "runs"
+    r = unigap("run", "configs/tiny.yaml", f"run.root={root}", f"prompts.source={prompts}",
+               "audit.backend=vlm", "audit.vlm_path=tiny", timeout=120)
+    assert r.returncode == 2 and "held-out" in r.stderr, r.stderr[-2000:]
+    assert not root.exists(), "a failed start must leave no run dir (its hash would block the fixed command)"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    r = unigap("run", "configs/tiny.yaml", f"run.root={blocker}/runs", timeout=120)
+    assert r.returncode == 2 and f"run.root='{blocker}/runs' is not writable" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+
+
 # The corrupted-judge control on the shipped shapes model: the judge's scores are inverted (SFT on what
 # the model itself rejects), trained hard enough that the damage is far outside evaluation noise.
 INVERTED = ["run.rounds=2", "prompts.per_round=null", "generate.num_images=8", "eval.num_images=4",

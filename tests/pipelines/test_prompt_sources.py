@@ -48,7 +48,32 @@ def test_custom_token_counter_and_limit(tmp_path):
     rows, report = load_prompts(src, max_tokens=10, count_tokens=lambda t: len(t), limit=2)
     assert rows == [] and report.skipped["too_long"] == 5
     rows, report = load_prompts(src, limit=2)
-    assert len(rows) == 2 and report.kept == 2 and report.read == 5
+    assert len(rows) == 2 and report.kept == 2 and report.read == 2  # reading stops at the limit
+
+
+def test_undecodable_bytes_and_forbidden_characters_are_bad_rows_with_their_line(tmp_path):
+    lines = [json.dumps({"prompt": "a red circle"}).encode(),
+             b'{"prompt": "a blue \xff square"}',                       # 2: not UTF-8
+             json.dumps({"prompt": "a green\u0000 triangle"}).encode(),  # 3: NUL
+             b'{"prompt": "half a \\ud800 pair"}',                     # 4: lone surrogate (JSON escape)
+             json.dumps({"prompt": "two\nlines"}).encode(),             # 5: control character
+             json.dumps({"prompt": "\u00e9t\u00e9 \U0001F600 circle"}).encode()]  # 6: fine
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    rows, report = load_prompts(str(path))
+    assert [r["prompt"] for r in rows] == ["a red circle", "\u00e9t\u00e9 \U0001F600 circle"]
+    assert dict(report.skipped) == {"bad_encoding": 1, "bad_characters": 3}
+    assert report.examples["bad_encoding"] == [f"{path}:2"]
+    assert report.examples["bad_characters"] == [f"{path}:3", f"{path}:4", f"{path}:5"]
+    assert report.read == 6
+
+    csv_path = tmp_path / "p.csv"
+    csv_path.write_bytes(b"prompt,category\na red circle,single\na \xfe\xff square,single\nan\x00x,single\n"
+                         b"a blue square,single\n")
+    rows, report = load_prompts(str(csv_path))
+    assert [r["prompt"] for r in rows] == ["a red circle", "a blue square"]
+    assert dict(report.skipped) == {"bad_encoding": 1, "bad_characters": 1}
+    assert report.examples["bad_encoding"] == [f"{csv_path}:3"]
 
 
 def test_csv_source(tmp_path):
