@@ -14,7 +14,9 @@ How a request flows:
      groups of equal (round, cfg_weight) and each group is ONE `generate_images` call with one seed
      per request and `num_images = max k` (the model draws sample i of a prompt from the stream
      derive_seed(seed, i), so a request gets the same images whatever it is batched with; extra
-     samples of a shorter request are dropped) plus ONE judge call over all candidates;
+     samples of a shorter request are dropped) plus ONE judge call over all candidates; if a group's
+     call fails, each of its requests is retried alone, so one bad request fails by itself and its
+     batch-mates get the images they would have got unbatched;
   5. best_of = k: the n highest own-judge scores are returned, best first (ties: lower index);
   6. served images scoring below `contradiction_threshold` (or unparseable) go to the log, one
      Parquet part per batch, before the responses are sent.
@@ -38,6 +40,7 @@ import base64
 import hashlib
 import hmac
 import io
+import logging
 import math
 import os
 import secrets
@@ -59,6 +62,7 @@ from serve.contradictions import ContradictionLog, contradiction_row, open_run
 from serve.validation import (MULTIPLEX_HEADER, Limits, RequestError, parse_generation, parse_json_body,
                               parse_judge)
 
+log = logging.getLogger("ray.serve")
 POINTER_TTL_S = 10.0  # how stale the default round may be after the driver promotes a new one
 MAX_ROUNDS_PER_REPLICA = 3
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "SHA256SUMS")
@@ -73,9 +77,12 @@ async def _refused(request: Request, exc: RequestError) -> JSONResponse:
 
 @api.exception_handler(Exception)
 async def _failed(request: Request, exc: Exception) -> JSONResponse:
-    # A model-side failure answers 500 for this request only; the replica keeps serving.
-    return JSONResponse(status_code=500, content={"error": f"{type(exc).__name__}: {exc}", "field": None,
-                                                  "status": 500, "id": getattr(request.state, "rid", "")})
+    # A model-side failure answers 500 for this request only; the replica keeps serving. The
+    # exception goes to the replica's log under the request id, never to the client.
+    rid = getattr(request.state, "rid", "")
+    log.error("request %s failed", rid, exc_info=(type(exc), exc, exc.__traceback__))
+    return JSONResponse(status_code=500, content={"error": f"internal error (request id {rid})", "field": None,
+                                                  "status": 500, "id": rid})
 
 
 @dataclass
@@ -95,6 +102,14 @@ class JudgeJob:
     prompt: str
     image: object  # PIL image
     round: int
+
+
+def _unloadable(round_: int, exc: Exception) -> RequestError:
+    """A round whose adapter cannot be loaded (missing file, failed checksum): 503 for its requests,
+    the cause in the replica's log."""
+    log.error("round %d cannot be loaded", round_, exc_info=(type(exc), exc, exc.__traceback__))
+    return RequestError(503, f"round {round_} cannot be loaded on this server (its adapter failed to load; "
+                        "see the server log)", "round")
 
 
 def _score(x: float) -> float | None:
@@ -202,7 +217,11 @@ class UnigapServer:
     async def _body(self, request: Request) -> dict:
         request.state.rid = uuid.uuid4().hex[:16]
         self._authorize(request)
-        return parse_json_body(request.headers.get("content-type"), await request.body())
+        try:  # the proxy guard (serve/guard.py) already bounds this; the replica does too without it
+            body = await asyncio.wait_for(request.body(), self.s.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise RequestError(408, f"request body not received within {self.s.body_timeout_s:g} s", "body") from None
+        return parse_json_body(request.headers.get("content-type"), body)
 
     @api.post("/v1/images/generations")
     async def generate(self, request: Request) -> dict:
@@ -254,15 +273,36 @@ class UnigapServer:
         for (round_, cfg), idx in groups.items():
             try:
                 model = await self.get_model(str(round_))
-                async with self.lock:
-                    t0 = time.perf_counter()
-                    out = await asyncio.to_thread(self._generate_group, model, [jobs[i] for i in idx], cfg)
-                    self._count(len(idx), time.perf_counter() - t0)
             except Exception as e:  # e.g. a corrupt adapter: fails its group only, not the batch
-                out = [e] * len(idx)
-            for i, images in zip(idx, out):
+                for i in idx:
+                    results[i] = _unloadable(round_, e)
+                continue
+            for i, images in zip(idx, await self._isolated(model, [jobs[i] for i in idx], cfg)):
                 results[i] = images
         return results
+
+    async def _isolated(self, model, jobs: list[GenJob], cfg: float) -> list:
+        """One model call for the group; if it fails, each job alone (its images do not depend on
+        its batch-mates), so only the job that fails alone gets the exception."""
+        try:
+            return await self._locked_call(len(jobs), self._generate_group, model, jobs, cfg)
+        except Exception as e:
+            if len(jobs) == 1:
+                return [e]
+        out = []
+        for job in jobs:
+            try:
+                out += await self._locked_call(1, self._generate_group, model, [job], cfg)
+            except Exception as e:
+                out.append(e)
+        return out
+
+    async def _locked_call(self, requests: int, fn, *args):
+        async with self.lock:
+            t0 = time.perf_counter()
+            out = await asyncio.to_thread(fn, *args)
+            self._count(requests, time.perf_counter() - t0)
+        return out
 
     def _generate_group(self, model, jobs: list[GenJob], cfg: float) -> list[list[dict]]:
         """One generate call and one judge call for requests sharing (round, cfg_weight)."""
@@ -301,16 +341,26 @@ class UnigapServer:
         for round_, idx in groups.items():
             try:
                 model = await self.get_model(str(round_))
-                async with self.lock:
-                    t0 = time.perf_counter()
-                    verdict = await asyncio.to_thread(model.judge, [jobs[i].image for i in idx],
-                                                      [jobs[i].prompt for i in idx], self.mode)
-                    self._count(len(idx), time.perf_counter() - t0)
             except Exception as e:  # fails this round's requests only
                 for i in idx:
-                    results[i] = e
+                    results[i] = _unloadable(round_, e)
                 continue
-            for j, i in enumerate(idx):
-                answer = verdict.answer[j] if verdict.answer else ""
-                results[i] = (_score(verdict.score[j]), bool(verdict.valid[j]), answer)
+            parts = [idx]
+            try:
+                verdicts = [await self._locked_call(len(idx), self._judge_group, model, [jobs[i] for i in idx])]
+            except Exception:  # one bad job must not fail its batch-mates: each alone
+                parts, verdicts = [[i] for i in idx], []
+                for i in idx:
+                    try:
+                        verdicts.append(await self._locked_call(1, self._judge_group, model, [jobs[i]]))
+                    except Exception as e:
+                        verdicts.append(e)
+            for part, verdict in zip(parts, verdicts):
+                for j, i in enumerate(part):
+                    results[i] = verdict if isinstance(verdict, Exception) else verdict[j]
         return results
+
+    def _judge_group(self, model, jobs: list[JudgeJob]) -> list[tuple]:
+        verdict = model.judge([j.image for j in jobs], [j.prompt for j in jobs], self.mode)
+        return [(_score(verdict.score[j]), bool(verdict.valid[j]), verdict.answer[j] if verdict.answer else "")
+                for j in range(len(jobs))]

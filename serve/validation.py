@@ -7,8 +7,13 @@ reach `generate_images` (whose own ValueErrors would otherwise surface as 500s).
 Hand-written rather than pydantic: JSON `true` must not count as an integer, `"2"` must not be coerced
 to 2, NaN / Infinity (which Python's json accepts) must be refused, and the limits come from the
 run's `serve:` config at startup. Every problem is a `RequestError(status, message, field)`:
-    400 malformed JSON or empty body      413 body / image bytes / image pixels too large
-    415 Content-Type not application/json 422 a field missing, mistyped, out of range or unknown
+    400 malformed JSON, nested too deeply, or empty body
+    413 body / image bytes / image pixels too large
+    415 Content-Type not application/json
+    422 a field missing, mistyped, out of range or unknown; a prompt that breaks the prompt text rule
+        (`pipelines.schemas.prompt_text_problem`: no control characters, no surrogates)
+Every number is bounded (cfg_weight in [1, MAX_CFG_WEIGHT], seeds < 2**63, rounds <= 10**6) and
+messages quote at most SHOW_CHARS characters of what was sent.
 
 Example:
     >>> limits = Limits(max_prompt_chars=64, max_n=4, max_best_of=8)
@@ -29,15 +34,21 @@ import binascii
 import io
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from PIL import Image
 
+from pipelines.schemas import prompt_text_problem
+
 MAX_BODY_BYTES = 8 * 1024 * 1024  # a max-size image as base64 (4/3 larger) plus the prompt
 MAX_IMAGE_BYTES = 4 * 1024 * 1024
 MAX_IMAGE_PIXELS = 2048 * 2048  # checked from the header, before decoding (decompression bombs)
 MAX_SEED = 2**63 - 1
+MAX_CFG_WEIGHT = 20.0  # as the config's generate.cfg_weight
+MAX_ROUND = 10**6
+SHOW_CHARS = 40  # of a bad value, quoted in an error message
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 MULTIPLEX_HEADER = "serve_multiplexed_model_id"  # Ray Serve's model-multiplexing routing header
 
@@ -94,8 +105,10 @@ def parse_json_body(content_type: Optional[str], body: bytes) -> dict:
         raise RequestError(400, "body is empty; expected a JSON object", "body")
     try:
         data = json.loads(body)
+    except RecursionError:
+        raise RequestError(400, "body is nested too deeply", "body") from None
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-        raise RequestError(400, f"body is not valid JSON ({e})", "body") from None
+        raise RequestError(400, f"body is not valid JSON ({_show(str(e), 80)})", "body") from None
     if not isinstance(data, dict):
         raise RequestError(422, f"body must be a JSON object, got {type(data).__name__}", "body")
     return data
@@ -112,10 +125,12 @@ def parse_generation(data: dict, limits: Limits, header_round: Optional[str] = N
     seed = _int(data, "seed", None, 0, MAX_SEED, "2**63-1")
     cfg = data.get("cfg_weight")
     if cfg is not None:
-        if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not math.isfinite(cfg):
-            raise RequestError(422, f"cfg_weight must be a finite number, got {cfg!r}", "cfg_weight")
-        if cfg < 1.0:  # 1.0 means "no guidance"; below it the guidance pushes away from the prompt
-            raise RequestError(422, f"cfg_weight must be >= 1 (1 = no guidance), got {cfg}", "cfg_weight")
+        if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or (isinstance(cfg, float) and not math.isfinite(cfg)):
+            raise RequestError(422, f"cfg_weight must be a finite number, got {_show(cfg)}", "cfg_weight")
+        if cfg < 1:  # 1.0 means "no guidance"; below it the guidance pushes away from the prompt
+            raise RequestError(422, f"cfg_weight must be >= 1 (1 = no guidance), got {_show(cfg)}", "cfg_weight")
+        if cfg > MAX_CFG_WEIGHT:  # compared before float(): a 400-digit int must not overflow
+            raise RequestError(422, f"cfg_weight must be <= {MAX_CFG_WEIGHT}, got {_show(cfg)}", "cfg_weight")
         cfg = float(cfg)
     return GenerationRequest(prompt, n, seed, cfg, best_of, _round(data, header_round))
 
@@ -145,7 +160,9 @@ def decode_image(value: Any) -> Image.Image:
         raise RequestError(422, "image is empty", "image")
     try:
         im = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)  # lazy: reads the header only
-    except (OSError, ValueError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:  # the header announces a huge image
+        raise RequestError(413, f"image is too large (over {MAX_IMAGE_PIXELS} pixels)", "image") from None
+    except (OSError, ValueError):
         raise RequestError(422, f"image is base64 but not a {'/'.join(IMAGE_FORMATS)} image", "image") from None
     w, h = im.size
     if w * h > MAX_IMAGE_PIXELS:
@@ -157,11 +174,19 @@ def decode_image(value: Any) -> Image.Image:
     return im.convert("RGB")
 
 
+def _show(value: Any, limit: int = SHOW_CHARS) -> str:
+    """`value` as quoted in a message: repr, cut to `limit` characters (a 400-digit number or a
+    megabyte string is not echoed back)."""
+    text = repr(value) if not isinstance(value, int) or value.bit_length() < 128 else f"<{value.bit_length()}-bit integer>"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _check_keys(data: dict, allowed: tuple[str, ...]) -> None:
     # Unknown fields are refused: a typo ("best-of", "num_images") must not be silently ignored.
     unknown = sorted(k for k in data if k not in allowed)
     if unknown:
-        raise RequestError(422, f"unknown field {unknown[0]!r} (allowed: {', '.join(allowed)})", unknown[0])
+        bad = _show(unknown[0])
+        raise RequestError(422, f"unknown field {bad} (allowed: {', '.join(allowed)})", unknown[0][:SHOW_CHARS])
 
 
 def _prompt(data: dict, limits: Limits) -> str:
@@ -175,6 +200,9 @@ def _prompt(data: dict, limits: Limits) -> str:
     if len(prompt) > limits.max_prompt_chars:
         raise RequestError(422, f"prompt has {len(prompt)} characters; the limit is "
                            f"{limits.max_prompt_chars} (serve.max_prompt_chars)", "prompt")
+    problem = prompt_text_problem(prompt)
+    if problem:  # e.g. a lone surrogate the tokenizer cannot encode, or a NUL for the log
+        raise RequestError(422, f"prompt {problem}", "prompt")
     return prompt.strip()
 
 
@@ -183,22 +211,22 @@ def _int(data: dict, name: str, default: Optional[int], lo: int, hi: int, hi_nam
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int):  # bool is an int subclass in Python
-        raise RequestError(422, f"{name} must be an integer, got {value!r}", name)
+        raise RequestError(422, f"{name} must be an integer, got {_show(value)}", name)
     if value < lo:
-        raise RequestError(422, f"{name} must be >= {lo}, got {value}", name)
+        raise RequestError(422, f"{name} must be >= {lo}, got {_show(value)}", name)
     if value > hi:
-        raise RequestError(422, f"{name} must be <= {hi} ({hi_name}), got {value}", name)
+        raise RequestError(422, f"{name} must be <= {hi} ({hi_name}), got {_show(value)}", name)
     return value
 
 
 def _round(data: dict, header: Optional[str]) -> Optional[int]:
     """The requested round: the body field, else Serve's multiplexing header; they must agree."""
-    body_round = _int(data, "round", None, 0, 10**6, "10**6")
+    body_round = _int(data, "round", None, 0, MAX_ROUND, "10**6")
     if header is None or header == "":
         return body_round
-    if not header.strip().isdigit():
-        raise RequestError(422, f"{MULTIPLEX_HEADER} header must be a round number, got {header!r}",
-                           MULTIPLEX_HEADER)
+    if not re.fullmatch(r"[0-9]{1,7}", header.strip()) or int(header) > MAX_ROUND:  # ASCII digits only
+        raise RequestError(422, f"{MULTIPLEX_HEADER} header must be a round number <= {MAX_ROUND}, got "
+                           f"{_show(header)}", MULTIPLEX_HEADER)
     header_round = int(header)
     if body_round is not None and body_round != header_round:
         raise RequestError(422, f"round {body_round} in the body disagrees with {MULTIPLEX_HEADER}: "
