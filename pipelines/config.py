@@ -221,6 +221,8 @@ class ServeConfig:
     max_n: int = _f(4, "Most images returned per request.", ge=1)
     max_best_of: int = _f(8, "Most candidates sampled per request (best_of >= n).", ge=1)
     api_key_env: Optional[str] = _f(None, "Env var holding the API key (None = no auth).")
+    body_timeout_s: float = _f(10.0, "A request body must arrive within this many seconds (HTTP 408; serve/guard.py).", gt=0, le=600)
+    max_ongoing_requests: int = _f(64, "Requests a replica holds at once (running + waiting for a batch); more queue at the proxy.", ge=1)
 
 
 @dataclass
@@ -358,6 +360,9 @@ def _check_combinations(cfg: Config) -> None:
          f"{t.warmup_steps} warm-up steps exceed train.steps={t.steps}"),
         ("serve.min_replicas", cfg.serve.min_replicas > cfg.serve.max_replicas,
          f"{cfg.serve.min_replicas} exceeds serve.max_replicas={cfg.serve.max_replicas}"),
+        ("serve.max_ongoing_requests", cfg.serve.max_ongoing_requests < 2 * cfg.serve.max_batch_size,
+         f"{cfg.serve.max_ongoing_requests} leaves no room for a full batch running while the next one "
+         f"fills (need >= 2 * serve.max_batch_size = {2 * cfg.serve.max_batch_size})"),
         ("serve.max_n", cfg.serve.max_n > cfg.serve.max_best_of,
          f"{cfg.serve.max_n} exceeds serve.max_best_of={cfg.serve.max_best_of} (best_of >= n)"),
         ("model.dtype", cfg.model.dtype == "float16" and cfg.model.device == "cpu",

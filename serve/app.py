@@ -38,6 +38,7 @@ import argparse
 import dataclasses
 import hashlib
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,7 @@ class ServerSettings:
     max_batch_size: int
     batch_wait_timeout_s: float
     api_key_env: Optional[str]
+    body_timeout_s: float  # the replica's own body deadline (the proxy guard's, when it is installed)
     api_key_sha256: Optional[str]  # the driver's key, hashed: the plain key never leaves its process
 
 
@@ -94,7 +96,7 @@ def server_settings(run_dir: str, cfg: Config, model: Optional[str] = None, batc
         max_prompt_chars=s.max_prompt_chars, max_n=s.max_n, max_best_of=s.max_best_of,
         contradiction_threshold=s.contradiction_threshold, batching=batching,
         max_batch_size=s.max_batch_size, batch_wait_timeout_s=s.batch_wait_timeout_s,
-        api_key_env=s.api_key_env, api_key_sha256=key_hash)
+        api_key_env=s.api_key_env, api_key_sha256=key_hash, body_timeout_s=s.body_timeout_s)
 
 
 def build_app(args: dict):
@@ -118,8 +120,9 @@ def build_app(args: dict):
         autoscaling_config={"min_replicas": s.min_replicas, "max_replicas": s.max_replicas,
                             "initial_replicas": max(1, s.min_replicas),
                             "target_ongoing_requests": s.target_ongoing_requests},
-        # Room for one full batch running while the next one fills (Serve warns below batch size).
-        max_ongoing_requests=max(2 * s.max_batch_size, 8),
+        # Room for one full batch running while the next one fills (the config checks >= 2 batches);
+        # stalled uploads never count here: serve/guard.py holds them at the proxy.
+        max_ongoing_requests=s.max_ongoing_requests,
         ray_actor_options={"num_cpus": float(args.get("num_cpus", 1)), "num_gpus": float(args.get("num_gpus", 0))},
     )
     return deployment.bind(dataclasses.asdict(settings))
@@ -148,15 +151,23 @@ def start_local(run_dir: str, *, host: str, port: int, app_args: dict, cfg: Conf
     import ray
     from ray import serve
 
+    from serve.guard import CALLBACK_ENV, proxy_env
+
     if not ray.is_initialized():
         if cfg.ray.address:
             ray.init(address=cfg.ray.address)
+            print(f"unigap serve: joined {cfg.ray.address}; its HTTP proxies guard slow and malformed requests "
+                  f"only if that cluster was started with {CALLBACK_ENV}=serve.guard:proxy_middlewares "
+                  "(serve/guard.py)", file=sys.stderr, flush=True)
         else:  # replicas import serve/, models/, pipelines/ from this checkout even if not installed
             pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+            # The proxy reads its middleware callback from its environment at start: set it before
+            # Ray starts, so the processes Ray spawns (the proxy among them) inherit it.
+            env = {"PYTHONPATH": pythonpath, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+                   **proxy_env(cfg.serve.body_timeout_s)}
+            os.environ.update(env)
             ray.init(num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_mb * 1024**2,
-                     include_dashboard=False,
-                     runtime_env={"env_vars": {"PYTHONPATH": pythonpath,
-                                               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}})
+                     include_dashboard=False, runtime_env={"env_vars": env})
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(app_args), name=APP_NAME, route_prefix="/")
     return f"http://{host}:{port}"

@@ -13,7 +13,8 @@ end. Request it in any test (or module-scoped fixture) that needs Ray; mark such
     ray.init(num_cpus=2, object_store_memory=300 MiB, no dashboard, log_to_driver=False,
              _temp_dir=/tmp/unigap-ray-<pid> (short: Ray's unix sockets cap the path length),
              runtime_env env_vars: OMP_NUM_THREADS=1, PYTHONPATH=<repo root> (so workers and
-             actors import models/, trainers/, pipelines/ from this checkout))
+             actors import models/, trainers/, pipelines/ from this checkout), and the Serve proxy
+             guard's variables (serve.guard.proxy_env, body deadline GUARD_BODY_TIMEOUT_S))
 If Ray is already initialised (someone called ray.init first), it is reused and left running.
 
 Example:
@@ -34,6 +35,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+GUARD_BODY_TIMEOUT_S = 3.0  # the Serve proxy guard's body deadline in tests (serve/guard.py)
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
@@ -52,11 +54,16 @@ def ray_session():
     if ray.is_initialized():
         yield None
         return
+    from serve.guard import proxy_env
+
     temp_dir = f"/tmp/unigap-ray-{os.getpid()}"
     pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    # Serve proxies started in this session run the HTTP guard with a short body deadline (as
+    # `unigap serve` does with serve.body_timeout_s): set before Ray starts, which its processes inherit.
+    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath, **proxy_env(body_timeout_s=GUARD_BODY_TIMEOUT_S)}
+    os.environ.update(proxy_env(body_timeout_s=GUARD_BODY_TIMEOUT_S))
     ray.init(num_cpus=2, object_store_memory=300 * 1024**2, include_dashboard=False, log_to_driver=False,
-             _temp_dir=temp_dir,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath}})
+             _temp_dir=temp_dir, runtime_env={"env_vars": env})
     try:
         yield temp_dir
     finally:

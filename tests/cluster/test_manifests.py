@@ -219,6 +219,22 @@ def test_serve_config_fits_rays_schema_and_builds_the_real_app(tmp_path):
             "the autoscaler can host every replica"
 
 
+def test_every_rayservice_pod_installs_the_proxy_guard():
+    """Proxies run on every node (proxy_location EveryNode) and read the guard's callback from their
+    environment when they start: head and every worker group must set it, to an importable callback."""
+    from serve.guard import CALLBACK, CALLBACK_ENV
+
+    spec = load("rayservice.yaml")["spec"]
+    cluster = spec["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]] + cluster["workerGroupSpecs"]
+    for pod in pods:
+        for container in pod["template"]["spec"]["containers"]:
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            assert env.get(CALLBACK_ENV) == CALLBACK, container["name"]
+    module, attr = CALLBACK.split(":")
+    assert callable(getattr(importlib.import_module(module), attr))
+
+
 def test_cluster_launcher_yaml_passes_rays_own_validation():
     from ray.autoscaler._private.util import prepare_config, validate_config
 
