@@ -123,6 +123,9 @@ def connect_ray(cfg: Config) -> None:
     else:
         ray.init(num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_mb * 1024**2,
                  include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+        from pipelines.reaper import start_reaper
+
+        start_reaper()  # the local Ray we started goes with us, even after kill -9
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -168,6 +168,9 @@ def start_local(run_dir: str, *, host: str, port: int, app_args: dict, cfg: Conf
             os.environ.update(env)
             ray.init(num_cpus=cfg.ray.num_cpus, object_store_memory=cfg.ray.object_store_mb * 1024**2,
                      include_dashboard=False, runtime_env={"env_vars": env})
+            from pipelines.reaper import start_reaper
+
+            start_reaper()  # the local Ray we started goes with us, even after kill -9
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(app_args), name=APP_NAME, route_prefix="/")
     return f"http://{host}:{port}"

@@ -145,6 +145,45 @@ def test_bad_prompt_file_or_unwritable_root_writes_nothing(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+def test_a_killed_driver_leaves_no_ray_processes(tmp_path):
+    """kill -9 of the driver alone (not its group): the local Ray it started goes too. Without the
+    reaper, Ray's dashboard and runtime-env agents were left running, reparented to init."""
+    from pipelines.reaper import descendants
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
+    env.pop("RAY_ADDRESS", None)
+    log = tmp_path / "log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", "configs/tiny.yaml",
+                                 f"run.root={tmp_path}", *TINY], cwd=REPO, env=env, stdout=out, stderr=out,
+                                start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while "[round 1] generate" not in log.read_text() and time.time() < deadline and proc.poll() is None:
+            time.sleep(1)
+        assert proc.poll() is None, log.read_text()[-2000:]
+        ours = descendants(proc.pid)
+        assert len(ours) >= 4, ours  # gcs, raylet, agents, workers, the reaper
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 30
+        alive = ours
+        while alive and time.time() < deadline:
+            time.sleep(1)
+            alive = {p: s for p, s in ours.items() if _start_time(p) == s}
+        assert not alive, {p: Path(f"/proc/{p}/cmdline").read_bytes()[:80] for p in alive}
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _start_time(pid: int):
+    from pipelines.reaper import _stat
+
+    st = _stat(pid)
+    return st and st[1]
+
+
 # The corrupted-judge control on the shipped shapes model: the judge's scores are inverted (SFT on what
 # the model itself rejects), trained hard enough that the damage is far outside evaluation noise.
 INVERTED = ["run.rounds=2", "prompts.per_round=null", "generate.num_images=8", "eval.num_images=4",
