@@ -30,11 +30,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def _stat(pid: int) -> Optional[tuple[int, int]]:
-    """(parent pid, start time in clock ticks) of `pid`, or None when it is gone."""
+    """(parent pid, start time in clock ticks) of `pid`, or None when it is gone (or a zombie)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
             fields = fh.read().rsplit(b")", 1)[1].split()  # the command name may hold spaces or ')'
     except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError):
+        return None
+    if fields[0] in (b"Z", b"X"):  # exited, not yet reaped by its parent
         return None
     return int(fields[1]), int(fields[19])  # fields 4 and 22 of proc(5), counted after the name
 
