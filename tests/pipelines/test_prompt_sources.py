@@ -212,3 +212,23 @@ def test_oracle_audit_takes_a_file_of_shapes_prompts_and_names_a_foreign_one(tmp
         else:
             with pytest.raises(ValueError, match=r"audit.backend=oracle .*'a cat on a mat'"):
                 load_prompt_sets(cfg, RunStore.from_config(cfg))
+
+
+def test_the_prompt_text_rule_is_exactly_control_characters_and_surrogates():
+    import unicodedata
+
+    from pipelines.schemas import prompt_text_problem
+
+    refused = [c for c in range(0x110000) if prompt_text_problem(f"a{chr(c)}b")]
+    assert refused == [c for c in range(0x110000) if unicodedata.category(chr(c)) in ("Cc", "Cs")]
+    assert prompt_text_problem("   ") == "is empty"
+    assert prompt_text_problem("\u00e9t\u00e9 \U0001F600 \u200b ok") is None  # scripts, emoji, format chars
+
+
+def test_contradiction_log_rows_follow_the_same_rule(tmp_path):
+    path = tmp_path / "part-0.parquet"
+    pq.write_table(pa.table({"prompt": ["a red circle", "a nul\x00 here", "a blue square"], "score": [0.1, 0.2, 0.3],
+                             "round": [1, 1, 1], "png": [b"", b"", b""]}), path)
+    rows, report = load_prompts(str(path))
+    assert [r["prompt"] for r in rows] == ["a red circle", "a blue square"]
+    assert report.skipped["bad_characters"] == 1 and report.examples["bad_characters"] == [f"{path}#row1"]
