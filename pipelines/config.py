@@ -87,11 +87,16 @@ class PromptsConfig:
     shuffle: bool = _f(True, "Shuffle the training prompts once, seeded by run.seed, before rounds slice them.")
     max_prompt_tokens: int = _f(64, "Prompts longer than this (in tokens) are skipped.", ge=1)
     extra_sources: list[str] = _f([], "More prompt files, e.g. the serve contradiction log.")
+    category_mix: dict[str, float] = _f(
+        {}, "Shares of a round's slice per prompt category (normalised; each category rotates through its own "
+        "prompts; categories not named get none); {} = one slice of the mixed list.", ge=0)
 
 
 @dataclass
 class GenerateConfig:
     num_images: int = _f(8, "N images sampled per prompt.", ge=1)
+    num_images_by_category: dict[str, int] = _f(
+        {}, "N per prompt for the named categories (e.g. more samples where the model is rarely right); others use num_images.", ge=1)
     cfg_weight: float = _f(5.0, "Classifier-free guidance weight; 1.0 = no guidance.", ge=1.0, le=20.0)
     temperature: float = _f(1.0, "Sampling temperature of the image tokens.", gt=0)
     top_k: Optional[int] = _f(None, "Sample only among the k most likely tokens (None = all).", ge=1)
@@ -125,6 +130,8 @@ class PoolsConfig:
         "all", "SFT rows: all accepted samples, or per prompt the top-scored accepted one plus any above "
         "best_of_n_keep_above.")
     best_of_n_keep_above: float = _f(0.9, "best_of_n also keeps accepted samples scoring above this.", ge=0, le=1)
+    category_cap: Optional[float] = _f(
+        None, "Most share of the SFT rows one category may take (the top-scored are kept); None = no cap.", gt=0, le=1)
     review_sample: int = _f(32, "Uncertain samples exported for human review (0 = none).", ge=0)
     review_seed: int = _f(0, "Seed of the risk-weighted review sample.", ge=0)
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -82,13 +82,15 @@ def discard_pool(pooled: Any) -> pd.DataFrame:
     return out[~out["any_accepted"]].drop(columns="any_accepted").reset_index(drop=True)
 
 
-def sft_set(pooled: Any, select: Literal["all", "best_of_n"] = "all", keep_above: float = 0.9) -> pd.DataFrame:
+def sft_set(pooled: Any, select: Literal["all", "best_of_n"] = "all", keep_above: float = 0.9,
+            category_cap: Optional[float] = None) -> pd.DataFrame:
     """Accepted samples as SFTRow columns.
 
     all: every accepted sample (Algorithm 1 keeps all images judged 1).
     best_of_n: per prompt the highest-scored accepted sample, plus any accepted sample scoring
     above `keep_above` -- fewer, more precise rows when the judge is noisy (SHAPES-NOTES: row
     precision 0.45 -> 0.60 on the shapes model). Human labels count as score 1.0.
+    category_cap: then no category keeps more than this share of the rows (`cap_categories`).
     """
     if select not in ("all", "best_of_n"):
         raise ValueError(f"unknown SFT selection {select!r}")
@@ -100,7 +102,36 @@ def sft_set(pooled: Any, select: Literal["all", "best_of_n"] = "all", keep_above
         eff = _effective_score(kept)
         best = eff.groupby(kept["prompt_id"]).idxmax()  # first of the top-scored rows, per prompt
         kept = kept[kept.index.isin(best.values) | (eff > keep_above)]
+    if category_cap is not None:
+        kept = cap_categories(kept, category_cap)
     return kept[SFT_COLUMNS].reset_index(drop=True)
+
+
+def cap_categories(rows: pd.DataFrame, cap: float) -> pd.DataFrame:
+    """`rows` with no category over `cap` of the total: an over-represented category keeps its
+    top-scored rows (ties: row order). The total shrinks with the cut, so the cap is solved as a
+    fixed point (largest T with sum_c min(n_c, floor(cap * T)) = T). A cap no split can meet (fewer
+    than 1/cap categories) becomes equal shares. Row order is kept.
+
+    >>> df = pd.DataFrame({"category": ["a"] * 6 + ["b", "c"], "score": [.9, .8, .7, .6, .5, .4, .9, .9],
+    ...                    "label_source": "judge", "pool": "accepted"})
+    >>> list(cap_categories(df, 0.5)["score"])
+    [0.9, 0.8, 0.9, 0.9]
+    """
+    if rows.empty:
+        return rows
+    counts = rows["category"].value_counts()
+    cap = max(cap, 1.0 / len(counts))
+    total = len(rows)
+    while True:
+        limit = max(1, int(cap * total + 1e-9))
+        new = int(np.minimum(counts.values, limit).sum())
+        if new == total:
+            break
+        total = new
+    eff = _effective_score(rows)
+    rank = eff.groupby(rows["category"]).rank(method="first", ascending=False)
+    return rows[rank <= limit]
 
 
 def oracle_scores(judged: Any, verdicts: Sequence[bool]) -> pd.DataFrame:

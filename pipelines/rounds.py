@@ -92,6 +92,12 @@ def read_prompt_sets(cfg: Config) -> tuple[list[dict], list[dict], dict]:
     if not heldout:
         raise ValueError(f"prompts.source={p.source!r} has no held-out prompts (a `split` column with "
                          "'heldout' rows) to evaluate on")
+    have = {r["category"] for r in train_rows}
+    for key, named in (("prompts.category_mix", p.category_mix), ("generate.num_images_by_category",
+                                                                   cfg.generate.num_images_by_category)):
+        missing = sorted(set(named) - have)
+        if missing:
+            raise ValueError(f"{key} names categories no training prompt has: {missing} (have: {sorted(have)})")
     if cfg.audit.backend == "oracle":  # a prompt file is fine when it speaks the shapes grammar
         from shapes.world import parse_prompt
 
@@ -114,8 +120,8 @@ def round_prompts(ctx, k: int) -> list[dict]:
     earlier rounds' discard-pool prompts not admitted since, replayed with the current model."""
     cfg, prompts = ctx.cfg, ctx.prompts
     n = cfg.prompts.per_round or len(prompts)
-    start = ((k - 1) * n) % len(prompts)
-    chosen = [prompts[(start + i) % len(prompts)] for i in range(min(n, len(prompts)))]
+    chosen = (mixed_slice(prompts, cfg.prompts.category_mix, n, k) if cfg.prompts.category_mix
+              else rotating_slice(prompts, n, k))
     rows = [{**r, "replayed": False} for r in chosen]
     c = cfg.curriculum
     if c.enabled and k >= c.start_round:
@@ -124,6 +130,34 @@ def round_prompts(ctx, k: int) -> list[dict]:
         rows += [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "category": r["category"], "replayed": True}
                  for r in replay]
     return rows
+
+
+def rotating_slice(prompts: list[dict], n: int, k: int) -> list[dict]:
+    """Round k's n prompts: the k-th consecutive slice, wrapping around (no repeats within a round)."""
+    start = ((k - 1) * n) % len(prompts)
+    return [prompts[(start + i) % len(prompts)] for i in range(min(n, len(prompts)))]
+
+
+def mixed_slice(prompts: list[dict], mix: dict[str, float], n: int, k: int) -> list[dict]:
+    """Round k's n prompts composed by category shares (`prompts.category_mix`): each category's count
+    by largest remainder, each taken as a rotating slice of that category's own prompts.
+
+    >>> ps = [{"prompt_id": f"{c}{i}", "category": c} for c in "ab" for i in range(4)]
+    >>> [p["prompt_id"] for p in mixed_slice(ps, {"a": 3, "b": 1}, 4, 1)], [p["prompt_id"] for p in mixed_slice(ps, {"a": 3, "b": 1}, 4, 2)]
+    (['a0', 'a1', 'a2', 'b0'], ['a3', 'a0', 'a1', 'b1'])
+    """
+    shares = {c: w for c, w in mix.items() if w > 0}
+    total = sum(shares.values())
+    exact = {c: n * w / total for c, w in shares.items()}
+    counts = {c: int(x) for c, x in exact.items()}
+    for c in sorted(exact, key=lambda c: counts[c] - exact[c])[: n - sum(counts.values())]:
+        counts[c] += 1
+    out = []
+    for c, m in counts.items():
+        own = [p for p in prompts if p["category"] == c]
+        if own and m:
+            out += rotating_slice(own, m, k)
+    return out
 
 
 def open_discards(store: RunStore, k: int) -> list[dict]:
@@ -193,7 +227,7 @@ def pool(ctx, k: int, judged: pd.DataFrame, prompts: list[dict]):
     info = {"accepted": int(counts.get("accepted", 0)), "rejected": int(counts.get("rejected", 0)),
             "uncertain": int(counts.get("uncertain", 0)), "discarded_prompts": len(discard),
             "pairs": len(pairs), "replayed": len(replayed), "admitted": len(replayed & set(accepted_ids))}
-    sft = P.sft_set(pooled, cfg.pools.sft_select, cfg.pools.best_of_n_keep_above)
+    sft = P.sft_set(pooled, cfg.pools.sft_select, cfg.pools.best_of_n_keep_above, cfg.pools.category_cap)
     info["sft_rows"] = len(sft)
     result = {"data": pooled, "sft": sft, "pairs": pairs, "discard": discard,
               "accepted_prompt_ids": accepted_ids}

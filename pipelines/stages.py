@@ -83,23 +83,28 @@ class GenerateUDF:
         ids, prompts, cats = list(batch["prompt_id"]), list(batch["prompt"]), list(batch["category"])
         seeds = [sample_seed(self.run_seed, self.round, pid) for pid in ids]
         g = self.gen
-        out = self.m.generate_images(prompts, num_images=g["num_images"], seed=seeds, cfg_weight=g["cfg_weight"],
-                                     temperature=g["temperature"], top_k=g["top_k"])
-        n = g["num_images"]
+        per_cat = g.get("num_images_by_category") or {}
+        groups: dict[int, list[int]] = {}  # one model call per distinct N (sample i of a prompt does not depend on N)
+        for b, cat in enumerate(cats):
+            groups.setdefault(per_cat.get(cat, g["num_images"]), []).append(b)
+        parts = []
+        for n, rows in groups.items():
+            out = self.m.generate_images([prompts[b] for b in rows], num_images=n, seed=[seeds[b] for b in rows],
+                                         cfg_weight=g["cfg_weight"], temperature=g["temperature"], top_k=g["top_k"])
+            parts.append({
+                "prompt_id": np.repeat(np.array([ids[b] for b in rows], dtype=object), n),
+                "prompt": np.repeat(np.array([prompts[b] for b in rows], dtype=object), n),
+                "category": np.repeat(np.array([cats[b] for b in rows], dtype=object), n),
+                "round": np.full(len(rows) * n, self.round, dtype=np.int64),
+                "sample_index": np.tile(np.arange(n, dtype=np.int64), len(rows)),
+                "seed": out.seeds.reshape(-1).numpy().astype(np.int64),
+                "image_tokens": out.tokens.reshape(len(rows) * n, -1).numpy().astype(np.int32),  # (B*N, T)
+                "png": np.array([_png(im) for row in out.images for im in row], dtype=object),
+                "node_id": np.array([_node_id()] * (len(rows) * n), dtype=object),  # where it ran (cluster checks)
+            })
         if self.slow_s:  # test hook: keep the stage busy long enough to kill an actor mid-stage
             time.sleep(self.slow_s)
-        tokens = out.tokens.reshape(len(ids) * n, -1).numpy().astype(np.int32)  # (B*N, T)
-        return {
-            "prompt_id": np.repeat(np.array(ids, dtype=object), n),
-            "prompt": np.repeat(np.array(prompts, dtype=object), n),
-            "category": np.repeat(np.array(cats, dtype=object), n),
-            "round": np.full(len(ids) * n, self.round, dtype=np.int64),
-            "sample_index": np.tile(np.arange(n, dtype=np.int64), len(ids)),
-            "seed": out.seeds.reshape(-1).numpy().astype(np.int64),
-            "image_tokens": tokens,
-            "png": np.array([_png(im) for row in out.images for im in row], dtype=object),
-            "node_id": np.array([_node_id()] * (len(ids) * n), dtype=object),  # where it ran (cluster checks)
-        }
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 class JudgeUDF:
@@ -142,12 +147,14 @@ def _to_frame(ds) -> pd.DataFrame:
 
 def generate_table(prompts: list[dict], cfg: Config, round_: int, adapter: Optional[str] = None,
                    slow_s: float = 0.0) -> pd.DataFrame:
-    """SampleRows for `prompts` (PromptRows): N per prompt, in canonical order."""
+    """SampleRows for `prompts` (PromptRows): N per prompt (`generate.num_images`, or
+    `generate.num_images_by_category[category]`), in canonical order."""
     import ray
 
     check_table(prompts, "prompt", STAGE_GENERATE)
     g = cfg.generate
-    gen = {"num_images": g.num_images, "cfg_weight": g.cfg_weight, "temperature": g.temperature, "top_k": g.top_k}
+    gen = {"num_images": g.num_images, "cfg_weight": g.cfg_weight, "temperature": g.temperature, "top_k": g.top_k,
+           "num_images_by_category": dict(g.num_images_by_category)}
     ds = ray.data.from_items(list(prompts)).map_batches(
         GenerateUDF, batch_size=g.batch_size, batch_format="numpy",
         fn_constructor_kwargs={"model": _model_args(cfg), "gen": gen, "run_seed": cfg.run.seed,
@@ -157,8 +164,9 @@ def generate_table(prompts: list[dict], cfg: Config, round_: int, adapter: Optio
     )
     df = _canonical(_to_frame(ds))
     check_table(df, "sample", STAGE_GENERATE)
-    if len(df) != len(prompts) * g.num_images:
-        raise RuntimeError(f"stage 'generate': expected {len(prompts) * g.num_images} samples, got {len(df)}")
+    expected = sum(g.num_images_by_category.get(p["category"], g.num_images) for p in prompts)
+    if len(df) != expected:
+        raise RuntimeError(f"stage 'generate': expected {expected} samples, got {len(df)}")
     return df
 
 

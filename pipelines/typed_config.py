@@ -5,8 +5,8 @@ nothing about unigap and only does the mechanics (how a nested dict and `a.b=val
 a checked dataclass). Split out so the tree stays readable on its own and each file stays short.
 
 Fields carry their doc and range in `field(metadata=...)` (use `doc_field` / `section_field`).
-Types understood: int, float (ints accepted; NaN and +-inf refused), bool, str, Literal[str...], list[T], Optional / unions
-and nested dataclasses. Every problem is a `ConfigError` naming the dotted key.
+Types understood: int, float (ints accepted; NaN and +-inf refused), bool, str, Literal[str...], list[T],
+dict[str, T] (ranges apply to each value), Optional / unions and nested dataclasses. Every problem is a `ConfigError` naming the dotted key.
 
 Example:
     >>> from dataclasses import dataclass
@@ -186,6 +186,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif origin is list:
         if isinstance(value, list):
             return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    elif origin is dict:
+        if isinstance(value, Mapping):
+            for k in value:
+                if not isinstance(k, str) or not k:
+                    raise ConfigError(key, f"keys must be non-empty strings, got {k!r}")
+            return {k: _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
     elif tp is float and isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
         return _finite(float(value), key)  # PyYAML reads `3e-4` (no dot) as a string: accept it
     elif tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -212,10 +218,16 @@ def _type_name(tp: Any) -> str:
         return " | ".join(_type_name(a) for a in get_args(tp))
     if get_origin(tp) is list:
         return f"list[{_type_name(get_args(tp)[0])}]"
+    if get_origin(tp) is dict:
+        return f"dict[str, {_type_name(get_args(tp)[1])}]"
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
 def _check_range(value: Any, meta: Mapping[str, Any], key: str) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_range(v, meta, f"{key}.{k}")
+        return
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return
     for name, bad, text in (("ge", lambda b: value < b, ">="), ("gt", lambda b: value <= b, ">"),

@@ -192,3 +192,19 @@ def test_diff_ci_newcombe():
     d, lo, hi = diff_ci(5, 10, 5, 10)
     assert d == 0 and lo < 0 < hi
     assert np.isnan(diff_ci(1, 0, 1, 2)[0])
+
+
+def test_category_cap_keeps_the_top_scored_rows_of_an_over_represented_category():
+    from pipelines.pools import cap_categories
+
+    rows = pd.DataFrame({"category": ["spatial"] * 10 + ["counting"] * 3 + ["single"] * 2,
+                         "score": [0.95 - 0.01 * i for i in range(10)] + [0.7, 0.8, 0.9, 0.61, 0.99],
+                         "pool": "accepted", "label_source": "judge"})
+    out = cap_categories(rows, 0.4)
+    share = out["category"].value_counts(normalize=True)
+    assert share.max() <= 0.4 + 1e-9 and len(out) == 8  # 3 spatial + 3 counting + 2 single
+    assert sorted(out.loc[out["category"] == "spatial", "score"], reverse=True) == pytest.approx([0.95, 0.94, 0.93])
+    assert list(out.index) == sorted(out.index)  # row order kept
+    only_two = rows[rows["category"] != "single"]
+    assert cap_categories(only_two, 0.4)["category"].value_counts().to_dict() == {"spatial": 3, "counting": 3}
+    assert cap_categories(rows, 1.0).equals(rows)

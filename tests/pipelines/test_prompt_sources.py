@@ -232,3 +232,19 @@ def test_contradiction_log_rows_follow_the_same_rule(tmp_path):
     rows, report = load_prompts(str(path))
     assert [r["prompt"] for r in rows] == ["a red circle", "a blue square"]
     assert report.skipped["bad_characters"] == 1 and report.examples["bad_characters"] == [f"{path}#row1"]
+
+
+def test_a_category_mix_composes_each_round_and_names_unknown_categories(tmp_path):
+    from pipelines.rounds import mixed_slice, read_prompt_sets
+
+    prompts = [{"prompt_id": f"{c}{i}", "category": c} for c, m in (("spatial", 10), ("counting", 4), ("single", 6))
+               for i in range(m)]
+    rounds = [mixed_slice(prompts, {"spatial": 0.5, "counting": 0.25, "single": 0.25}, 8, k) for k in (1, 2, 3)]
+    for chosen in rounds:
+        cats = [p["category"] for p in chosen]
+        assert (cats.count("spatial"), cats.count("counting"), cats.count("single")) == (4, 2, 2)
+        assert len({p["prompt_id"] for p in chosen}) == 8
+    assert [p["prompt_id"] for p in rounds[2] if p["category"] == "counting"] == ["counting0", "counting1"]  # wraps
+    cfg = load_config(None, [f"run.root={tmp_path}", "prompts.category_mix={spatial: 1, nosuch: 1}"])
+    with pytest.raises(ValueError, match=r"prompts.category_mix names categories no training prompt has: \['nosuch'\]"):
+        read_prompt_sets(cfg)
