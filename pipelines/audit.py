@@ -20,6 +20,10 @@ compared with the best promoted round so far (round 0, the base model, is the in
   promote   when delta >= 0                  (ties promote: "not worse" is the paper's bar, and
                                               the newer round has the smaller internal gap)
   hold      otherwise (-tolerance <= delta < 0): neither promoted nor degraded; the best stays.
+  With `audit.paired_rollback` (metric gen_accuracy), a round is also degraded when its paired gain
+  over the base model (`eval/gen_gain_vs_base`, same prompts and seeds, bootstrap 95% CI over
+  prompts) lies entirely below 0: a slow drift that stays inside the tolerance of each comparison is
+  caught once it is significant (the inverted-judge arm: round 2 instead of round 4).
 Comparisons use a 1e-9 slack so float noise (0.50 - 0.52 = -0.02000000000000002) does not flip a
 decision. The reason string, kept in the manifest, says which branch applied and whether the
 change is inside the candidate's 95% CI (i.e. within sampling noise). `und_win_rate` is measured
@@ -312,9 +316,14 @@ def audit_vs_best(best_round: Optional[int], best_metrics: Optional[dict], round
                              best_round, best_value=best_value, delta=None, **common)
     delta = value - best_value
     degraded = delta < -tol - EPS
-    promote = not degraded and delta >= -EPS
-    co = degraded and _nonunified_shrank(cand, best_rec)
+    paired_hi = cand.get("eval/gen_gain_vs_base/ci_high")
+    below_base = (bool(getattr(audit_cfg, "paired_rollback", False)) and metric == "gen_accuracy"
+                  and paired_hi is not None and not math.isnan(paired_hi) and paired_hi < 0)
+    promote = not degraded and not below_base and delta >= -EPS
+    co = (degraded or below_base) and _nonunified_shrank(cand, best_rec)
     verdict = ("DEGRADED: drop beyond tolerance" if degraded else
+               f"DEGRADED: significantly below the base model (paired gain "
+               f"{cand['eval/gen_gain_vs_base'] * 100:+.1f} points, 95% CI high {paired_hi * 100:+.1f})" if below_base else
                "promote: tie with the best (not worse)" if abs(delta) <= EPS else
                "promote: better than the best" if promote else
                "hold: below the best but within tolerance (best kept)")
@@ -323,7 +332,7 @@ def audit_vs_best(best_round: Optional[int], best_metrics: Optional[dict], round
               f"{_paired_text(cand, metric)}")
     if co:
         reason += "; CO-DEGRADATION: Nonunified improved while the external metric fell"
-    return AuditDecision(promote, degraded, reason, best_round, best_value=best_value, delta=delta,
+    return AuditDecision(promote, degraded or below_base, reason, best_round, best_value=best_value, delta=delta,
                          co_degraded=co, **common)
 
 

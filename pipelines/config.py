@@ -201,6 +201,9 @@ class AuditConfig:
         "last_kept", "The model the next round improves: the best promoted round, or the last round that was "
         "not degraded (a round held within tolerance stays in the chain, so gains smaller than the "
         "evaluation noise can add up over rounds; a degraded round is always rolled back).")
+    paired_rollback: bool = _f(
+        True, "Also count a round as degraded when its paired held-out gain over the base model (same prompts "
+        "and seeds) has a 95% CI entirely below 0, even within tolerance (gen_accuracy only).")
     on_degradation: Literal["stop", "continue_from_best"] = _f(
         "continue_from_best", "stop the run, or roll back to the best adapter and go on.")
 

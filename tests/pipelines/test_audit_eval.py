@@ -53,6 +53,20 @@ def test_decision_edges(value, promote, degraded, word):
     assert d.delta == pytest.approx(value - 0.50)
 
 
+def test_a_round_significantly_below_the_base_is_degraded_even_within_tolerance():
+    history = [_rec(0, 0.132, True)]
+    paired = {"eval/gen_gain_vs_base": -0.019, "eval/gen_gain_vs_base/ci_low": -0.037,
+              "eval/gen_gain_vs_base/ci_high": -0.002}  # the inverted-judge arm's round 2
+    d = audit(history, _rec(2, 0.113, **paired), _cfg(tolerance=0.02))
+    assert d.degraded and not d.promote and "significantly below the base" in d.reason
+    off = audit(history, _rec(2, 0.113, **paired), _cfg(tolerance=0.02, paired_rollback="false"))
+    assert not off.degraded and "hold" in off.reason
+    noisy = {**paired, "eval/gen_gain_vs_base/ci_high": 0.001}  # the CI reaches 0: noise, held
+    assert not audit(history, _rec(2, 0.113, **noisy), _cfg(tolerance=0.02)).degraded
+    better = {"eval/gen_gain_vs_base": 0.02, "eval/gen_gain_vs_base/ci_high": 0.04}
+    assert audit(history, _rec(2, 0.152, **better), _cfg(tolerance=0.02)).promote
+
+
 def test_best_is_the_best_promoted_round_not_the_latest():
     history = [_rec(0, 0.30, True), _rec(1, 0.40, True), _rec(2, 0.39, False)]
     d = audit(history, _rec(3, 0.395), _cfg(tolerance=0.02))
