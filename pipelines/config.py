@@ -34,7 +34,7 @@ from typing import Any, Literal, Mapping, Optional, Sequence, Union
 
 import yaml
 
-from pipelines.typed_config import ConfigError, build, walk
+from pipelines.typed_config import ConfigError, build, read_yaml, walk
 from pipelines.typed_config import doc_field as _f
 from pipelines.typed_config import section_field as _section
 
@@ -188,6 +188,10 @@ class EvalConfig:
     num_images: int = _f(8, "Images per held-out prompt.", ge=1)
     understanding_pairs: int = _f(256, "(image, prompt) pairs for the understanding check.", ge=0)
     seed: int = _f(1234, "Evaluation seed (the same every round, so rounds compare).", ge=0)
+    validation_prompts: int = _f(
+        0, "Training prompts set aside (never trained on; the same ones whatever run.seed) and evaluated each "
+        "round like the held-out set: choose recipe settings on eval/val_*, never on held-out (0 = off).", ge=0)
+    validation_images: int = _f(8, "Images per validation prompt.", ge=1)
 
 
 @dataclass
@@ -277,30 +281,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     A file may start from another with `extends: <path relative to it>`; its own keys win
     (section by section), so an experiment file lists only what it changes.
     """
-    return config_from_dict(_read_yaml(path, ()) if path is not None else {}, overrides)
-
-
-def _read_yaml(path: str | os.PathLike, seen: tuple[str, ...]) -> dict:
-    real = os.path.realpath(path)
-    if real in seen:
-        raise ConfigError("extends", f"{path} extends itself (cycle: {' -> '.join(seen + (real,))})")
-    if not os.path.isfile(path):
-        raise ConfigError("extends" if seen else "config", f"config file {path} does not exist")
-    with open(path, encoding="utf-8") as fh:
-        raw = yaml.safe_load(fh)
-    raw = {} if raw is None else raw
-    if not isinstance(raw, dict):
-        raise ConfigError("config", f"{path} must hold a mapping of sections, got {type(raw).__name__}")
-    parent = raw.pop("extends", None)
-    if parent is None:
-        return raw
-    base = _read_yaml(os.path.join(os.path.dirname(path), str(parent)), seen + (real,))
-    for section, values in raw.items():
-        if isinstance(values, dict) and isinstance(base.get(section), dict):
-            base[section] = {**base[section], **values}
-        else:
-            base[section] = values
-    return base
+    return config_from_dict(read_yaml(path) if path is not None else {}, overrides)
 
 
 def config_from_dict(data: Mapping[str, Any], overrides: Sequence[str] = ()) -> Config:
@@ -337,6 +318,7 @@ def derive_seed(run_seed: int, round_: int, stage: str, shard: int = 0) -> int:
     """Seed for one (round, stage, shard): independent streams, reproducible, order-free."""
     digest = hashlib.sha256(f"{run_seed}/{round_}/{stage}/{shard}".encode()).digest()
     return int.from_bytes(digest[:4], "little")  # 32 bits: fits numpy and torch seeds
+
 
 def _check_combinations(cfg: Config) -> None:
     """Reject settings that cannot work together, before any compute (first problem wins)."""

@@ -42,6 +42,7 @@ class Ctx:
     tracker: Any
     prompts: list[dict]
     heldout: list[dict]
+    validation: list[dict] = field(default_factory=list)  # eval.validation_prompts, never trained on
     timings: dict[str, float] = field(default_factory=dict)
 
     def stage(self, k: int, name: str, compute: Callable[[], Any]) -> Any:
@@ -87,9 +88,10 @@ def run(cfg: Config) -> dict:
     # Everything is checked before anything is written: a bad prompt file or an unwritable run.root
     # leaves no run dir behind (whose config hash would block the corrected command).
     train, heldout, prompt_report = rounds.read_prompt_sets(cfg)
+    train, validation = rounds.split_validation(train, cfg.eval.validation_prompts)
     store = RunStore.from_config(cfg)  # checks run.root is writable first
     rounds.write_prompt_report(store, prompt_report)
-    prompt_sets = (train, heldout)
+    prompt_sets = (train, heldout, validation)
     connect_ray(cfg)
     from pipelines.tracking import Tracker
 

@@ -55,6 +55,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from typing import Any, NamedTuple, Optional, Sequence
 
@@ -107,6 +108,19 @@ def evaluate_round(model, judge, prompts: Sequence[dict], eval_cfg, judge_mode: 
     und = _own_judge(model, und, und_images, mode)
     samples = pd.concat([gen, und], ignore_index=True)[COLUMNS]
     return EvalResult(round_metrics(samples, base_und, num_images=eval_cfg.num_images), samples)
+
+
+def evaluate_validation(model, judge, prompts: Sequence[dict], eval_cfg, generate_cfg=None
+                        ) -> tuple[pd.DataFrame, dict[str, float]]:
+    """The validation slice (training-distribution prompts never trained on): `validation_images`
+    generations per prompt with the fixed eval seeds, judged externally. Rows as the held-out
+    generation rows (no PNGs: small), metrics `eval/val_accuracy` (+ per category, Wilson CIs)."""
+    cfg = dataclasses.replace(eval_cfg, num_images=eval_cfg.validation_images)
+    gen, images = generate_samples(model, list(prompts), cfg, generate_cfg)
+    gen["external_verdict"] = judge.verdicts(images, list(gen["prompt"]))
+    metrics: dict[str, float] = {}
+    add_by_category(metrics, "eval/val_accuracy", list(gen["category"]), gen["external_verdict"].astype(bool))
+    return gen.drop(columns=["png"]), metrics
 
 
 def select_prompts(prompts: Sequence[dict], num_prompts: int, seed: int) -> list[dict]:

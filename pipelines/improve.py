@@ -92,7 +92,7 @@ def train(ctx, k: int, pooled: dict, adapter: Optional[str]):
 
 
 # ------------------------------------------------------------------ evaluate
-def _evaluate_task(cfg: Config, adapter: Optional[str], heldout: list[dict], base_pairs):
+def _evaluate_task(cfg: Config, adapter: Optional[str], heldout: list[dict], base_pairs, validation=()):
     from models.loading import load_model
     from pipelines.audit import make_external_judge
     from pipelines.evaluate import evaluate_round
@@ -102,12 +102,18 @@ def _evaluate_task(cfg: Config, adapter: Optional[str], heldout: list[dict], bas
     judge = make_external_judge(cfg.audit, dtype=cfg.model.dtype, device=cfg.model.device)
     out = evaluate_round(model, judge, heldout, cfg.eval, cfg.judge.mode or model.default_judge_mode,
                          generate_cfg=cfg.generate, base_pairs=base_pairs)  # eval samples as the run does
+    val = None
+    if validation:
+        from pipelines.evaluate import EvalResult, evaluate_validation
+
+        val, val_metrics = evaluate_validation(model, judge, validation, cfg.eval, cfg.generate)
+        out = EvalResult({**out.metrics, **val_metrics}, out.samples)
     if cfg.audit.backend != "oracle":
-        return out
+        return out, val
     from pipelines.evaluate import EvalResult, second_verdict
 
     samples, extra = second_verdict(out.samples)  # a gain only the oracle sees is not a gain
-    return EvalResult({**out.metrics, **extra}, samples)
+    return EvalResult({**out.metrics, **extra}, samples), val
 
 
 def start_model(store: RunStore, cfg: Config) -> int:
@@ -124,11 +130,21 @@ def evaluate(ctx, k: int, trained: dict):
     start = start_model(ctx.store, ctx.cfg)
     model_round = trained.get("adapter_round") or start
     base = ctx.store.read_table(0, "evaluate", "pairs").to_pandas() if k else None
-    out = _ray_task(ctx.cfg, _evaluate_task, ctx.cfg, adapter_path(ctx.store, model_round), ctx.heldout, base)
+    out, val = _ray_task(ctx.cfg, _evaluate_task, ctx.cfg, adapter_path(ctx.store, model_round), ctx.heldout, base,
+                         ctx.validation)
     metrics = {**out.metrics, **_paired_gains(ctx.store, k, start, out.samples)}
+    result = {"metrics": metrics, "model_round": model_round, "samples": out.samples, "pairs": out.pairs}
+    if val is not None:
+        result["validation"] = val
+        if k:  # paired with the base model's validation rows (same prompts, same seeds)
+            from pipelines.evaluate import paired_gain
+
+            metrics.update(paired_gain(val, ctx.store.read_table(0, "evaluate", "validation").to_pandas(),
+                                       "val_gain_vs_base", seed=k))
     info = {"model_round": model_round, "gen_accuracy": metrics.get("eval/gen_accuracy"),
-            "und_accuracy": metrics.get("eval/und_accuracy"), "gain_vs_base": metrics.get("eval/gen_gain_vs_base")}
-    return {"metrics": metrics, "model_round": model_round, "samples": out.samples, "pairs": out.pairs}, info
+            "und_accuracy": metrics.get("eval/und_accuracy"), "gain_vs_base": metrics.get("eval/gen_gain_vs_base"),
+            "val_accuracy": metrics.get("eval/val_accuracy")}
+    return result, info
 
 
 def _paired_gains(store: RunStore, k: int, start: int, samples) -> dict[str, float]:

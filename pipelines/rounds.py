@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Any, Optional
 
@@ -61,7 +62,7 @@ def progress(k: int, stage: str, info: dict, resumed: bool = False) -> str:
     """One console line per stage."""
     keys = [x for x in ("rows", "prompts", "accepted", "rejected", "uncertain", "nonunified", "replayed",
                         "admitted", "sft_rows", "steps", "loss", "gen_accuracy", "gain_vs_base", "und_accuracy",
-                        "decision", "best", "head") if info.get(x) is not None]
+                        "val_accuracy", "decision", "best", "head") if info.get(x) is not None]
     shown = " ".join(f"{x}={info[x]:.3f}" if isinstance(info[x], float) else f"{x}={info[x]}" for x in keys)
     return f"[round {k}] {stage:<9} {'resumed' if resumed else 'done':<7} {info.get('seconds', 0):7.1f}s  {shown}"
 
@@ -72,6 +73,19 @@ def load_prompt_sets(cfg: Config, store: RunStore) -> tuple[list[dict], list[dic
     train_rows, heldout, report = read_prompt_sets(cfg)
     write_prompt_report(store, report)
     return train_rows, heldout
+
+
+def split_validation(train_rows: list[dict], n: int) -> tuple[list[dict], list[dict]]:
+    """(training prompts, validation slice): the `n` prompts whose ids hash lowest leave the training
+    set (the same slice whatever run.seed or file order, so recipe comparisons share it)."""
+    if not n:
+        return train_rows, []
+    if n >= len(train_rows):
+        raise ValueError(f"eval.validation_prompts={n} leaves no training prompts (there are {len(train_rows)})")
+    key = lambda r: hashlib.sha256(str(r["prompt_id"]).encode()).hexdigest()  # noqa: E731
+    val_ids = {r["prompt_id"] for r in sorted(train_rows, key=key)[:n]}
+    return ([r for r in train_rows if r["prompt_id"] not in val_ids],
+            sorted((r for r in train_rows if r["prompt_id"] in val_ids), key=lambda r: str(r["prompt_id"])))
 
 
 def write_prompt_report(store: RunStore, report: dict) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import difflib
 import math
+import os
 import re
 import types
 from dataclasses import field, fields, is_dataclass
@@ -235,3 +236,29 @@ def _check_range(value: Any, meta: Mapping[str, Any], key: str) -> None:
         bound = meta.get(name)
         if bound is not None and bad(bound):
             raise ConfigError(key, f"must be {text} {bound}, got {value}")
+
+
+def read_yaml(path: str | os.PathLike, seen: tuple[str, ...] = ()) -> dict:
+    """A YAML config file as a dict, with `extends: <path relative to it>` resolved: the parent's
+    sections first, this file's keys winning section by section; cycles and missing files are
+    ConfigErrors."""
+    real = os.path.realpath(path)
+    if real in seen:
+        raise ConfigError("extends", f"{path} extends itself (cycle: {' -> '.join(seen + (real,))})")
+    if not os.path.isfile(path):
+        raise ConfigError("extends" if seen else "config", f"config file {path} does not exist")
+    with open(path, encoding="utf-8") as fh:
+        raw = yaml.safe_load(fh)
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError("config", f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    base = read_yaml(os.path.join(os.path.dirname(path), str(parent)), seen + (real,))
+    for section, values in raw.items():
+        if isinstance(values, dict) and isinstance(base.get(section), dict):
+            base[section] = {**base[section], **values}
+        else:
+            base[section] = values
+    return base

@@ -19,7 +19,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(1200)]  # w
 
 TINY = ["run.rounds=2", "prompts.limit=6", "prompts.per_round=3", "eval.num_prompts=4", "eval.num_images=2",
         "eval.understanding_pairs=8", "train.num_workers=1", "train.epochs=1", "train.batch_size=4",
-        "wandb.mode=offline", "ray.num_cpus=2", "pools.review_sample=4"]
+        "wandb.mode=offline", "ray.num_cpus=2", "pools.review_sample=4", "eval.validation_prompts=2",
+        "eval.validation_images=2"]
 
 
 def unigap(*args, env=None, **kw):
@@ -74,6 +75,17 @@ def test_two_rounds_end_to_end(finished):
     assert (run_dir / "report.md").is_file()
     assert "[round 1] generate" in r.stdout and "[round 2] promote" in r.stdout
     assert list((run_dir / "wandb").glob("**/offline-run-*")), "W&B offline run missing"
+    # the validation slice: evaluated every round, paired with the base, never trained on
+    import pyarrow.parquet as pq
+
+    val_ids = set(pq.read_table(run_dir / "round_0" / "evaluate" / "validation.parquet")["prompt_id"].to_pylist())
+    assert len(val_ids) == 2
+    for k in (1, 2):
+        metrics = manifest["rounds"][str(k)]["stages"]["evaluate"]["info"]["result"]["metrics"]
+        assert 0 <= metrics["eval/val_accuracy"] <= 1 and metrics["eval/val_accuracy/n"] == 4
+        assert metrics["eval/val_gain_vs_base/n"] == 2
+        generated = set(pq.read_table(run_dir / f"round_{k}" / "generate" / "data.parquet")["prompt_id"].to_pylist())
+        assert generated and not generated & val_ids
 
 
 def test_compare_tables_the_finished_run_with_paired_gains(finished, tmp_path):

@@ -248,3 +248,21 @@ def test_a_category_mix_composes_each_round_and_names_unknown_categories(tmp_pat
     cfg = load_config(None, [f"run.root={tmp_path}", "prompts.category_mix={spatial: 1, nosuch: 1}"])
     with pytest.raises(ValueError, match=r"prompts.category_mix names categories no training prompt has: \['nosuch'\]"):
         read_prompt_sets(cfg)
+
+
+def test_the_validation_slice_is_the_same_whatever_the_order_and_never_trained_on():
+    import random
+
+    from pipelines.rounds import split_validation
+
+    prompts = [{"prompt_id": f"p{i}", "category": "c"} for i in range(50)]
+    train, val = split_validation(prompts, 5)
+    shuffled = prompts[:]
+    random.Random(3).shuffle(shuffled)
+    train2, val2 = split_validation(shuffled, 5)
+    assert val == val2 and len(val) == 5 and len(train) == 45
+    assert not {r["prompt_id"] for r in train} & {r["prompt_id"] for r in val}
+    assert [r["prompt_id"] for r in train2] == [r["prompt_id"] for r in shuffled if r not in val]  # order kept
+    assert split_validation(prompts, 0) == (prompts, [])
+    with pytest.raises(ValueError, match="eval.validation_prompts=50 leaves no training prompts"):
+        split_validation(prompts, 50)
