@@ -12,6 +12,10 @@ HTTP API (details and status codes: serve/deployment.py; typed client: serve/cli
     POST /v1/judge               {prompt, image (base64 PNG), round?}
                                  -> {id, round, score, answer, valid, mode}
     GET  /healthz                -> {status, round, rounds, batching, replica}   (no model call)
+    POST /v1/chat/completions    OpenAI-compatible: one question about one image (data URI), answered
+                                 by the understanding branch; model "unigap" or "round-<k>"
+                                 (serve/chat.py; the `openai` client works against it)
+    GET  /v1/models              -> the OpenAI model list: "unigap" and "round-<k>" per adapter
 
 Stable entry points (the RayService manifest in cluster/ and `serve deploy` use these):
     import_path: serve.app:build_app

@@ -59,6 +59,7 @@ from models.loading import load_model
 from models.lora import load_adapter, merge_adapter
 from serve.app import ServerSettings
 from serve.contradictions import ContradictionLog, contradiction_row, open_run
+from serve.chat import chat_response, models_response, parse_chat
 from serve.validation import (MULTIPLEX_HEADER, Limits, RequestError, parse_generation, parse_json_body,
                               parse_judge)
 
@@ -239,6 +240,30 @@ class UnigapServer:
             raise images
         return {"id": job.request_id, "round": round_, "seed": seed, "n": req.n, "best_of": req.best_of,
                 "cfg_weight": cfg, "mode": self.mode, "images": images}
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> dict:
+        self._authorize(request)
+        self._rounds = self._list_rounds()
+        return models_response(sorted(self._rounds))
+
+    @api.post("/v1/chat/completions")
+    async def chat(self, request: Request) -> dict:
+        """OpenAI-compatible: one question about one image, answered by the understanding branch
+        (serve/chat.py). Not batched across requests: each answer is a short greedy decode."""
+        req = parse_chat(await self._body(request), self.limits)
+        round_ = self._resolve_round(req.round)
+        try:
+            model = await self.get_model(str(round_))
+        except Exception as e:
+            raise _unloadable(round_, e) from None
+        answer, p_yes = await self._locked_call(1, self._chat_one, model, req)
+        return chat_response(req, answer, p_yes, round_)
+
+    def _chat_one(self, model, req) -> tuple[str, float | None]:
+        answer = model.answer([req.image], [req.question], max_new_tokens=req.max_tokens, system=req.system)[0]
+        p_yes = model.p_yes([req.image], [req.question], system=req.system)[0] if req.logprobs else None
+        return answer, p_yes
 
     @api.post("/v1/judge")
     async def judge(self, request: Request) -> dict:

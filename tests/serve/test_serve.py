@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 import os
 import shutil
 import socket
@@ -204,6 +205,54 @@ def test_judge_route_per_round(server):
     for k, v in scores.items():
         assert v.round == k and v.valid and 0.0 <= v.score <= 1.0
     assert len({round(v.score, 6) for v in scores.values()}) > 1  # the rounds' judges differ
+
+
+def _chat_body(question="Is there a red circle?", model="round-1", **extra):
+    content = [{"type": "text", "text": question},
+               {"type": "image_url", "image_url": {"url": "data:image/png;base64," + _png_b64()}}]
+    return {"model": model, "messages": [{"role": "user", "content": content}], **extra}
+
+
+def test_openai_chat_completions_answer_with_the_rounds_understanding_branch(server, http):
+    from models.loading import load_model
+    from models.lora import load_adapter, merge_adapter
+    from serve.contradictions import open_run
+
+    auth = {"authorization": f"Bearer {KEY}"}
+    ids = [m["id"] for m in http.get("/v1/models", headers=auth).json()["data"]]
+    assert ids == ["unigap", "round-0", "round-1", "round-2", "round-3"]
+    r = http.post("/v1/chat/completions", json=_chat_body(logprobs=True, top_logprobs=2, max_tokens=8), headers=auth)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    m = merge_adapter(load_adapter(load_model("tiny"), open_run(server["run_dir"]).adapter_dir(1)))
+    img = Image.open(io.BytesIO(base64.b64decode(_png_b64())))
+    assert body["object"] == "chat.completion" and body["model"] == "round-1"
+    assert body["choices"][0]["message"]["content"] == m.answer([img], ["Is there a red circle?"], max_new_tokens=8)[0]
+    top = {t["token"]: math.exp(t["logprob"]) for t in body["choices"][0]["logprobs"]["content"][0]["top_logprobs"]}
+    assert top["Yes"] == pytest.approx(m.p_yes([img], ["Is there a red circle?"])[0], abs=1e-4)
+    assert top["Yes"] + top["No"] == pytest.approx(1.0, abs=1e-6)
+    default = http.post("/v1/chat/completions", json=_chat_body(model="unigap", max_tokens=8), headers=auth).json()
+    assert default["model"] == "unigap" and default["system_fingerprint"] == "unigap-round-1"  # the promoted round
+    assert http.post("/v1/chat/completions", json=_chat_body()).status_code == 401
+    for bad, field in [(_chat_body(temperature=0.7), "temperature"), (_chat_body(model="gpt-4o"), "model"),
+                       (_chat_body(max_tokens=1000), "max_tokens"), (_chat_body(stream=True), "stream"),
+                       ({**_chat_body(), "messages": [{"role": "assistant", "content": "hi"}]}, "messages"),
+                       (_chat_body(question="a\x00b"), "messages"), (_chat_body(model="round-9"), "round")]:
+        r = http.post("/v1/chat/completions", json=bad, headers=auth)
+        assert r.status_code == 422 and r.json()["field"] == field, (bad, r.text)
+    url_body = _chat_body()
+    url_body["messages"][0]["content"][1]["image_url"]["url"] = "http://example.com/x.png"
+    assert http.post("/v1/chat/completions", json=url_body, headers=auth).json()["field"] == "messages"
+
+
+def test_the_openai_client_talks_to_unigap_serve(server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    assert [m.id for m in client.models.list()][:2] == ["unigap", "round-0"]
+    out = client.chat.completions.create(model="round-2", max_tokens=8, logprobs=True, top_logprobs=2,
+                                         **{"messages": _chat_body()["messages"]})
+    assert out.choices[0].message.role == "assistant" and isinstance(out.choices[0].message.content, str)
+    assert {t.token for t in out.choices[0].logprobs.content[0].top_logprobs} == {"Yes", "No"}
 
 
 # --------------------------------------------------------------------------- bad input
