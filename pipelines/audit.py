@@ -198,13 +198,19 @@ def _yes_no_ids(tokenizer) -> tuple[list[int], list[int]]:
 
 
 def make_external_judge(audit_cfg, dtype: str = "float32", device: str = "auto") -> ExternalJudge:
-    """The external judge named by `cfg.audit` (oracle, or a VLM at `audit.vlm_path`)."""
+    """The external judge named by `cfg.audit`: oracle, a VLM at `audit.vlm_path`, or an
+    OpenAI-compatible endpoint at `audit.http_url` (pipelines/http_judge.py)."""
     if audit_cfg.backend == "oracle":
         return OracleJudge()
     if audit_cfg.backend == "vlm":
         if not audit_cfg.vlm_path:
             raise ValueError("audit.backend=vlm needs audit.vlm_path")
         return VLMJudge(audit_cfg.vlm_path, dtype=dtype, device=device)
+    if audit_cfg.backend == "openai_http":
+        from pipelines.http_judge import OpenAIHTTPJudge
+
+        return OpenAIHTTPJudge(audit_cfg.http_url, audit_cfg.http_model, audit_cfg.http_api_key_env,
+                               audit_cfg.http_concurrency, audit_cfg.http_qps, audit_cfg.http_max_retries)
     raise ValueError(f"unknown audit backend {audit_cfg.backend!r}")
 
 

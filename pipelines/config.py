@@ -196,8 +196,14 @@ class EvalConfig:
 
 @dataclass
 class AuditConfig:
-    backend: Literal["oracle", "vlm"] = _f("oracle", "External judge: shapes oracle or a VLM.")
+    backend: Literal["oracle", "vlm", "openai_http"] = _f("oracle", "External judge: oracle, VLM, or OpenAI endpoint.")
     vlm_path: Optional[str] = _f(None, "External VLM checkpoint (backend=vlm).")
+    http_url: Optional[str] = _f(None, "Chat-completions URL of the judge endpoint (backend=openai_http).")
+    http_model: str = _f("unigap", "Model name sent to the judge endpoint.")
+    http_api_key_env: Optional[str] = _f(None, "Env var with the endpoint's API key (None = no auth).")
+    http_concurrency: int = _f(1, "Concurrent request workers (ray.data.llm).", ge=1)
+    http_qps: Optional[int] = _f(None, "Requests per second cap (None = none).", ge=1)
+    http_max_retries: int = _f(2, "Retries of a failed request (429/5xx, connection errors).", ge=0)
     metric: Literal["gen_accuracy", "und_win_rate"] = _f(
         "gen_accuracy", "External metric that must not get worse.")
     tolerance: float = _f(0.02, "Allowed drop of `metric` before a round counts as degraded.", ge=0)
@@ -341,6 +347,8 @@ def _check_combinations(cfg: Config) -> None:
          "the oracle-judge control needs the shapes world (audit.backend=oracle)"),
         ("audit.vlm_path", cfg.audit.backend == "vlm" and not cfg.audit.vlm_path,
          "audit.backend=vlm needs a VLM checkpoint path"),
+        ("audit.http_url", cfg.audit.backend == "openai_http" and not re.match(r"https?://", cfg.audit.http_url or ""),
+         "audit.backend=openai_http needs an http(s):// chat-completions URL"),
         ("train.logprob_branch", t.logprob_branch == "conditional" and cfg.generate.cfg_weight != 1.0
          and not t.allow_cfg_mismatch,
          f"conditional training under guided sampling (generate.cfg_weight={cfg.generate.cfg_weight}) trains "

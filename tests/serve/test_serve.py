@@ -255,6 +255,34 @@ def test_the_openai_client_talks_to_unigap_serve(server):
     assert {t.token for t in out.choices[0].logprobs.content[0].top_logprobs} == {"Yes", "No"}
 
 
+def test_an_audit_judge_over_http_matches_the_same_checkpoint_in_process(server):
+    """audit.backend=openai_http through ray.data.llm against this live server (round 2 as the judge)
+    gives the verdicts the round-2 model gives in process: same images, same question."""
+    from models.loading import load_model
+    from models.lora import load_adapter, merge_adapter
+    from pipelines.audit import make_external_judge
+    from pipelines.http_judge import ExternalJudgeError
+    from serve.contradictions import open_run
+
+    m = merge_adapter(load_adapter(load_model("tiny"), open_run(server["run_dir"]).adapter_dir(2)))
+    prompts = ["a red circle", "two blue squares", "a green triangle", "a red square"] * 2
+    out = m.generate_images(prompts[:4], num_images=2, seed=list(range(4)))
+    images = [im for row in out.images for im in row]
+    prompts = [p for p in prompts[:4] for _ in range(2)]
+    expected = [s >= 0.5 for s in m.judge(images, prompts, mode="prob").score]
+    assert True in expected and False in expected  # a judge that always says one thing would fail
+    cfg = load_config(os.path.join(REPO, "configs", "tiny.yaml"), [
+        "audit.backend=openai_http", f"audit.http_url={server['url']}/v1/chat/completions",
+        "audit.http_model=round-2", f"audit.http_api_key_env={KEY_ENV}", "audit.http_concurrency=1"])
+    judge = make_external_judge(cfg.audit)
+    assert judge.verdicts(images, prompts) == expected and judge.unparseable == 0
+    wrong = make_external_judge(load_config(os.path.join(REPO, "configs", "tiny.yaml"), [
+        "audit.backend=openai_http", f"audit.http_url={server['url']}/v1/chat/completions",
+        "audit.http_model=round-99", f"audit.http_api_key_env={KEY_ENV}"]).audit)
+    with pytest.raises(ExternalJudgeError, match="no yes/no verdict"):  # a 422 body is not a "no"
+        wrong.verdicts(images[:2], prompts[:2])
+
+
 # --------------------------------------------------------------------------- bad input
 
 def _gen(**body):

@@ -1,0 +1,123 @@
+"""The external judge behind any OpenAI-compatible chat endpoint, run as a `ray.data.llm` stage.
+
+Where it fits: `audit.backend: openai_http` (`pipelines.audit.make_external_judge`). On real models
+the audit's judge is a large VLM served apart from the job (vLLM, SGLang, Ray Serve LLM, or another
+`unigap serve`), shared across jobs; Ray ships the batch client for it, `ray.data.llm`'s
+`HttpRequestProcessorConfig` (batching, concurrency, QPS limits and retries are its, not ours).
+Each (image, prompt) becomes one request: the prob judge's question (`models.base.PROB_QUESTION`)
+with the image as a `data:image/png;base64,` URI, `logprobs: true, top_logprobs: 2`.
+
+Verdict of one answer: P(Yes) from the Yes/No top log-probs when the server returns them
+(renormalised over the two; `unigap serve` does), else the answer text's first word (yes / no).
+Anything else -- an HTTP error body, no choices, an answer that is neither -- is *unparseable*: it is
+counted, never silently scored "no"; more than `max_unparseable` of a batch raises
+`ExternalJudgeError` naming the endpoint and an example, and an endpoint that cannot be reached
+fails the stage with ray.data.llm's retry error.
+
+Example (a unigap serve of another checkpoint as the judge):
+    from pipelines.http_judge import OpenAIHTTPJudge
+    judge = OpenAIHTTPJudge("http://127.0.0.1:8000/v1/chat/completions", model="round-3", api_key_env="KEY")
+    judge.verdicts(images, prompts)       # -> [True, False, ...]
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import os
+import re
+from typing import Any, Optional
+
+from PIL import Image
+
+from models.base import PROB_QUESTION
+
+
+class ExternalJudgeError(RuntimeError):
+    """The external judge's endpoint answered in a way no verdict can be read from."""
+
+
+def verdict_of(response: Any) -> Optional[bool]:
+    """True / False from one chat.completion JSON, or None when it cannot be read (module docstring).
+
+    >>> verdict_of({"choices": [{"message": {"content": "Yes, it does."}}]})
+    True
+    >>> ans = {"message": {"content": "No"}, "logprobs": {"content": [{"top_logprobs": [
+    ...     {"token": "No", "logprob": -0.9}, {"token": "Yes", "logprob": -0.5}]}]}}
+    >>> verdict_of({"choices": [ans]}), verdict_of({"error": "model not found"})
+    (True, None)
+    """
+    try:
+        choice = response["choices"][0]
+    except (KeyError, IndexError, TypeError):
+        return None
+    try:
+        top = {t["token"].strip().lower(): t["logprob"] for t in choice["logprobs"]["content"][0]["top_logprobs"]}
+        if "yes" in top and "no" in top:
+            y, n = math.exp(top["yes"]), math.exp(top["no"])
+            return y / max(y + n, 1e-300) >= 0.5
+    except (KeyError, IndexError, TypeError, AttributeError):
+        pass
+    text = ((choice.get("message") or {}).get("content") or "") if isinstance(choice, dict) else ""
+    word = re.match(r"\W*(\w+)", text.lower()) if isinstance(text, str) else None
+    return {"yes": True, "no": False}.get(word.group(1)) if word else None
+
+
+class OpenAIHTTPJudge:
+    """`verdicts(images, prompts)` through an OpenAI-compatible `/v1/chat/completions` endpoint."""
+
+    def __init__(self, url: str, model: str, api_key_env: Optional[str] = None, concurrency: int = 1,
+                 qps: Optional[int] = None, max_retries: int = 2, batch_size: int = 16,
+                 max_unparseable: float = 0.0):
+        self.url, self.model = url, model
+        self.name = f"openai_http:{model}@{url}"
+        key = os.environ.get(api_key_env or "", "") if api_key_env else ""
+        if api_key_env and not key:
+            raise ValueError(f"audit.http_api_key_env={api_key_env!r} but ${api_key_env} is not set")
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.concurrency, self.qps, self.max_retries = concurrency, qps, max_retries
+        self.batch_size, self.max_unparseable = batch_size, max_unparseable
+        self.unparseable = 0  # over the judge's lifetime, for the caller's metrics
+
+    def verdicts(self, images: list[Image.Image], prompts: list[str]) -> list[bool]:
+        import ray
+        from ray.data.llm import HttpRequestProcessorConfig, build_processor
+
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        if not images:
+            return []
+        rows = [{"i": i, "prompt": p, "png": _png_b64(im)} for i, (im, p) in enumerate(zip(images, prompts))]
+        model = self.model
+        config = HttpRequestProcessorConfig(url=self.url, headers=self.headers, concurrency=self.concurrency,
+                                            qps=self.qps, max_retries=self.max_retries, batch_size=self.batch_size)
+        processor = build_processor(
+            config,
+            preprocess=lambda r: {"i": r["i"], "payload": {
+                "model": model, "max_tokens": 4, "logprobs": True, "top_logprobs": 2,
+                "messages": [{"role": "user", "content": [
+                    {"type": "text", "text": PROB_QUESTION.format(prompt=r["prompt"])},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64," + r["png"]}}]}]}},
+            postprocess=lambda r: {"i": r["i"], "verdict": _code(verdict_of(r["http_response"])),
+                                   "raw": str(r["http_response"])[:200]},
+        )
+        out = sorted(processor(ray.data.from_items(rows)).take_all(), key=lambda r: r["i"])
+        if len(out) != len(rows):
+            raise ExternalJudgeError(f"{self.name}: {len(rows)} requests, {len(out)} answers")
+        bad = [r for r in out if r["verdict"] < 0]
+        self.unparseable += len(bad)
+        if len(bad) > self.max_unparseable * len(out):
+            raise ExternalJudgeError(f"{self.name}: {len(bad)} of {len(out)} answers carry no yes/no verdict "
+                                     f"(e.g. {bad[0]['raw']!r})")
+        return [r["verdict"] == 1 for r in out]  # tolerated unparseable answers count as "no", and are counted
+
+
+def _code(v: Optional[bool]) -> int:
+    return -1 if v is None else int(v)
+
+
+def _png_b64(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
