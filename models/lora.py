@@ -13,7 +13,7 @@ Example:
     >>> m = build_tiny()
     >>> m = attach_lora(m, LoraSpec(r=4))
     >>> d = tempfile.mkdtemp()
-    >>> save_adapter(m, d)
+    >>> _ = save_adapter(m, d)
     >>> m2 = load_adapter(build_tiny(), d)
 """
 
@@ -169,3 +169,77 @@ def merge_adapter(m: JanusUnified) -> JanusUnified:
         return m
     merged = m.model.merge_and_unload()
     return JanusUnified(merged, m.processor, m.default_judge_mode, m.fast_decode)
+
+
+class AdapterSet:
+    """One base model and several named adapters on it (serving many rounds from one copy of the
+    weights): `active(name)` is a context that yields a JanusUnified computing with that adapter
+    (None = the base model, adapters disabled). Adapters are verified on `add` like `load_adapter`.
+
+    Not thread-safe: the caller serialises `add`, `active` and model calls (Serve does so under its
+    model lock). `retire(name, token)` only marks an adapter for removal; it is deleted at the next
+    `active` (so an eviction from another thread never pulls weights from under a running forward),
+    and only if `token` is still the one `add` returned (a stale handle cannot retire a reloaded one).
+
+    Example:
+        >>> import tempfile
+        >>> from models.tiny import build_tiny
+        >>> d = tempfile.mkdtemp(); _ = save_adapter(attach_lora(build_tiny(), LoraSpec(r=4)), d)
+        >>> s = AdapterSet(build_tiny()); token = s.add("round_1", d)
+        >>> with s.active("round_1") as m:
+        ...     _ = m.generate_images(["a red circle"], num_images=1, seed=0)
+        >>> s.names()
+        ['round_1']
+    """
+
+    def __init__(self, base: JanusUnified):
+        self.base, self.peft = base, None
+        self._tokens: dict[str, int] = {}
+        self._retired: set[tuple[str, int]] = set()
+        self._next = 0
+
+    def names(self) -> list[str]:
+        return sorted(self._tokens)
+
+    def add(self, name: str, directory: str | os.PathLike) -> int:
+        """Load the (verified) adapter at `directory` as `name` (replacing one of that name)."""
+        verify_adapter(directory)
+        path = str(fetch_adapter(directory))
+        if name in self._tokens:
+            self.peft.delete_adapter(name)
+            del self._tokens[name]
+        if self.peft is None:
+            self.peft = PeftModel.from_pretrained(self.base.janus, path, adapter_name=name)
+        else:
+            self.peft.load_adapter(path, adapter_name=name)
+        self.peft.eval()
+        self._next += 1
+        self._tokens[name] = self._next
+        return self._next
+
+    def retire(self, name: str, token: int) -> None:
+        self._retired.add((name, token))
+
+    def active(self, name: str | None):
+        """Context manager: the model with adapter `name` active (None: the base, adapters off)."""
+        from contextlib import contextmanager
+
+        @contextmanager
+        def ctx():
+            for gone, token in list(self._retired):
+                self._retired.discard((gone, token))
+                if self._tokens.get(gone) == token and gone != name:
+                    self.peft.delete_adapter(gone)
+                    del self._tokens[gone]
+            if name is None:
+                if self.peft is None:
+                    yield self.base
+                else:
+                    with self.peft.disable_adapter():
+                        yield self.base
+                return
+            if name not in self._tokens:
+                raise AdapterError(f"adapter {name!r} is not loaded (loaded: {self.names()})")
+            self.peft.set_adapter(name)
+            yield JanusUnified(self.peft, self.base.processor, self.base.default_judge_mode, self.base.fast_decode)
+        return ctx()

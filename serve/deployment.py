@@ -21,11 +21,14 @@ How a request flows:
   6. served images scoring below `contradiction_threshold` (or unparseable) go to the log, one
      Parquet part per batch, before the responses are sent.
 
-Models: round 0 is the base model; round k is a copy of it with adapters/round_k loaded (checksum
-verified by `models.lora.load_adapter`) and merged, cached by `@serve.multiplexed` (LRU, at most
-MAX_ROUNDS_PER_REPLICA per replica). Merging costs one model copy per cached round in memory and
-buys adapter-free decoding. Model calls run in a worker thread under one lock, so /healthz answers
-while a batch computes and the model never runs two batches at once.
+Models: one copy of the base weights per replica; round k is adapters/round_k loaded onto it as a
+named peft adapter (checksum verified, `models.lora.AdapterSet`) and made active for the calls of its
+request group; round 0 runs with adapters disabled. `@serve.multiplexed` keeps at most
+MAX_ROUNDS_PER_REPLICA rounds (LRU; an evicted round's adapter is deleted before the next call).
+A round costs its adapter's size (LoRA + the generation-head copy), not a model copy; decoding pays
+the unmerged LoRA's extra matmuls (benchmarks/bench_adapters.py). Model calls and adapter loads run
+in a worker thread under one lock, so /healthz answers while a batch computes and the weights never
+change under a running forward.
 
 Example (what `serve.app.start_local` does):
     from ray import serve
@@ -56,16 +59,17 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from models.loading import load_model
-from models.lora import load_adapter, merge_adapter
+from models.lora import AdapterSet
 from serve.app import ServerSettings
 from serve.contradictions import ContradictionLog, contradiction_row, open_run
 from serve.chat import chat_response, models_response, parse_chat
+from serve.round_models import RoundModel
 from serve.validation import (MULTIPLEX_HEADER, Limits, RequestError, parse_generation, parse_json_body,
                               parse_judge)
 
 log = logging.getLogger("ray.serve")
 POINTER_TTL_S = 10.0  # how stale the default round may be after the driver promotes a new one
-MAX_ROUNDS_PER_REPLICA = 3
+MAX_ROUNDS_PER_REPLICA = 8
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "SHA256SUMS")
 
 api = FastAPI(title="unigap", docs_url=None, redoc_url=None, openapi_url=None)
@@ -131,6 +135,7 @@ class UnigapServer:
         self.log = ContradictionLog(self.store, self.replica)
         self.base = load_model(self.s.model_path, self.s.dtype, self.s.device, judge_mode=self.s.judge_mode)
         self.mode = self.s.judge_mode or self.base.default_judge_mode
+        self.adapters = AdapterSet(self.base)  # every round's adapter on this one copy of the weights
         self.lock = asyncio.Lock()
         self._pointer = (-math.inf, 0)  # (read at, default round)
         self._rounds = self._list_rounds()
@@ -186,14 +191,13 @@ class UnigapServer:
 
     @serve.multiplexed(max_num_models_per_replica=MAX_ROUNDS_PER_REPLICA)
     async def get_model(self, model_id: str):
-        return await asyncio.to_thread(self._load_round, int(model_id))
-
-    def _load_round(self, round_: int):
+        round_ = int(model_id)
         if round_ == 0:
-            return self.base
-        # load_adapter merges into the weights it is given: each round gets its own base copy.
-        fresh = load_model(self.s.model_path, self.s.dtype, self.s.device, judge_mode=self.s.judge_mode)
-        return merge_adapter(load_adapter(fresh, self._local_adapter(round_)))
+            return RoundModel(self.adapters, None, 0)
+        path = await asyncio.to_thread(self._local_adapter, round_)
+        async with self.lock:  # peft injects layers: never while a forward runs
+            token = await asyncio.to_thread(self.adapters.add, f"round_{round_}", path)
+        return RoundModel(self.adapters, f"round_{round_}", token)
 
     def _local_adapter(self, round_: int) -> str:
         src = self.store.adapter_dir(round_)

@@ -93,3 +93,41 @@ def test_adapter_uri_is_fetched_and_verified(adapter_dir, monkeypatch, tmp_path)
     assert torch.equal(loaded.generate_images(P, 2, seed=3).tokens, tokens)
     with pytest.raises(AdapterError, match="does not exist"):
         verify_adapter(f"file://{tmp_path}/nothing-here")
+
+
+def test_one_base_many_adapters_each_round_computes_as_if_loaded_alone(adapter_dir, tmp_path):
+    from models.lora import AdapterSet
+
+    d1, tokens1 = adapter_dir
+    m2 = attach_lora(build_tiny(), LoraSpec(r=4))
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in m2.model.named_parameters():
+            if "lora_B" in name or "generation_head" in name and "modules_to_save" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    save_adapter(m2, tmp_path / "r2")
+    tokens2 = m2.generate_images(P, 2, seed=3).tokens
+    base_tokens = build_tiny().generate_images(P, 2, seed=3).tokens
+    s = AdapterSet(build_tiny())
+    t1, t2 = s.add("round_1", d1), s.add("round_2", tmp_path / "r2")
+    for _ in range(2):  # switching back and forth changes nothing
+        for name, want in (("round_2", tokens2), (None, base_tokens), ("round_1", tokens1)):
+            with s.active(name) as m:
+                assert torch.equal(m.generate_images(P, 2, seed=3).tokens, want), name
+    s.retire("round_2", t2 - 1)  # a stale handle: nothing happens
+    with s.active("round_1"):
+        pass
+    assert s.names() == ["round_1", "round_2"]
+    s.retire("round_2", t2)
+    with s.active(None) as m:
+        assert torch.equal(m.generate_images(P, 2, seed=3).tokens, base_tokens)
+    assert s.names() == ["round_1"]
+    with pytest.raises(AdapterError, match="not loaded"):
+        with s.active("round_2"):
+            pass
+    tampered = tmp_path / "bad"
+    __import__("shutil").copytree(tmp_path / "r2", tampered)
+    (tampered / "adapter_model.safetensors").write_bytes(b"x" * 10)
+    with pytest.raises(AdapterError):
+        s.add("round_3", tampered)
+    assert t1 < t2

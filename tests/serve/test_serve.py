@@ -151,13 +151,13 @@ def test_same_round_and_seed_reproduce_and_rounds_differ(server, http):
 
 def test_best_of_returns_the_highest_judged_candidates(server):
     from models.loading import load_model
-    from models.lora import load_adapter, merge_adapter
+    from models.lora import load_adapter  # unmerged, as the server computes (one base, named adapters)
     from serve.contradictions import open_run
 
     k, n, seed = 6, 2, 21
     r = server["client"].generate(PROMPT, n=n, best_of=k, seed=seed, round=1)
     # Score all k candidates ourselves with the same round's model.
-    m = merge_adapter(load_adapter(load_model("tiny"), open_run(server["run_dir"]).adapter_dir(1)))
+    m = load_adapter(load_model("tiny"), open_run(server["run_dir"]).adapter_dir(1))
     out = m.generate_images([PROMPT], num_images=k, seed=[seed], cfg_weight=r.cfg_weight)
     scores = m.judge(out.images[0], [PROMPT] * k, mode="prob").score
     expected = sorted(range(k), key=lambda i: -scores[i])[:n]
@@ -215,7 +215,7 @@ def _chat_body(question="Is there a red circle?", model="round-1", **extra):
 
 def test_openai_chat_completions_answer_with_the_rounds_understanding_branch(server, http):
     from models.loading import load_model
-    from models.lora import load_adapter, merge_adapter
+    from models.lora import load_adapter  # unmerged, as the server computes (one base, named adapters)
     from serve.contradictions import open_run
 
     auth = {"authorization": f"Bearer {KEY}"}
@@ -224,7 +224,7 @@ def test_openai_chat_completions_answer_with_the_rounds_understanding_branch(ser
     r = http.post("/v1/chat/completions", json=_chat_body(logprobs=True, top_logprobs=2, max_tokens=8), headers=auth)
     assert r.status_code == 200, r.text
     body = r.json()
-    m = merge_adapter(load_adapter(load_model("tiny"), open_run(server["run_dir"]).adapter_dir(1)))
+    m = load_adapter(load_model("tiny"), open_run(server["run_dir"]).adapter_dir(1))
     img = Image.open(io.BytesIO(base64.b64decode(_png_b64())))
     assert body["object"] == "chat.completion" and body["model"] == "round-1"
     assert body["choices"][0]["message"]["content"] == m.answer([img], ["Is there a red circle?"], max_new_tokens=8)[0]
@@ -259,12 +259,12 @@ def test_an_audit_judge_over_http_matches_the_same_checkpoint_in_process(server)
     """audit.backend=openai_http through ray.data.llm against this live server (round 2 as the judge)
     gives the verdicts the round-2 model gives in process: same images, same question."""
     from models.loading import load_model
-    from models.lora import load_adapter, merge_adapter
+    from models.lora import load_adapter  # unmerged, as the server computes (one base, named adapters)
     from pipelines.audit import make_external_judge
     from pipelines.http_judge import ExternalJudgeError
     from serve.contradictions import open_run
 
-    m = merge_adapter(load_adapter(load_model("tiny"), open_run(server["run_dir"]).adapter_dir(2)))
+    m = load_adapter(load_model("tiny"), open_run(server["run_dir"]).adapter_dir(2))
     prompts = ["a red circle", "two blue squares", "a green triangle", "a red square"] * 2
     out = m.generate_images(prompts[:4], num_images=2, seed=list(range(4)))
     images = [im for row in out.images for im in row]
