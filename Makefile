@@ -11,7 +11,7 @@ TORCH  ?= torch==2.13.0
 LOCK   := requirements.lock
 BIN    := $(VENV)/bin
 
-.PHONY: install lock run demo test test-fast bench clean
+.PHONY: install lock lint run demo test test-fast bench clean
 
 $(BIN)/unigap: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -43,7 +43,12 @@ run: install
 demo: install
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/unigap demo
 
-test: install
+LINTED := models pipelines trainers serve shapes tests benchmarks
+
+lint: install
+	$(BIN)/ruff check $(LINTED)
+
+test: install lint
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 test-fast: install

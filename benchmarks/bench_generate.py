@@ -102,7 +102,8 @@ def main(argv=None) -> None:
         for batch in args.batch:
             ours, hf = bench_generation(m, batch, args.cfg, args.repeats, sync)
             imgs = batch / ours
-            print(f"{name:8} {batch:5d} {'generate':10} {ours:9.4f} {hf:10.4f} {hf / ours:7.2f}x  ({imgs:.1f} images/s)")
+            print(f"{name:8} {batch:5d} {'generate':10} {ours:9.4f} {hf:10.4f} {hf / ours:7.2f}x  "
+                  f"({imgs:.1f} images/s)")
             ours, txt = bench_judge(m, batch, args.repeats, sync)
             print(f"{name:8} {batch:5d} {'judge':10} {ours:9.4f} {txt:10.4f} {txt / ours:7.2f}x")
 

@@ -57,8 +57,9 @@ def write_file(path: str, mb: int) -> int:
     with open(path, "w", encoding="utf-8") as fh:
         while size < target:
             c, s = COLOURS[rows % 6], SHAPES[(rows // 6) % 4]
-            line = json.dumps({"id": f"p{rows:08d}", "prompt": f"a {c} {s} to the left of a {COLOURS[(rows // 24) % 6]} "
-                               f"{SHAPES[(rows // 144) % 4]} number {rows}", "category": "spatial", "split": "train"})
+            line = json.dumps({"id": f"p{rows:08d}", "prompt": f"a {c} {s} to the left of a "
+                               f"{COLOURS[(rows // 24) % 6]} {SHAPES[(rows // 144) % 4]} number {rows}",
+                               "category": "spatial", "split": "train"})
             fh.write(line + "\n")
             size += len(line) + 1
             rows += 1
@@ -83,7 +84,7 @@ def main() -> None:
         print(f"file: {size_mb:.0f} MiB, {n} rows (written in {time.perf_counter() - t0:.0f} s)")
         results = {m: measure(m, path) for m in ("baseline", "stream-10k", "stream", "whole")}
     base = results["baseline"]["peak_rss_mb"]
-    print(f"\n| setting | rows kept | peak RSS (MiB) | over baseline (MiB) | vs whole | seconds |")
+    print("\n| setting | rows kept | peak RSS (MiB) | over baseline (MiB) | vs whole | seconds |")
     print("|---|---:|---:|---:|---:|---:|")
     whole = results["whole"]["peak_rss_mb"] - base
     for m, r in results.items():

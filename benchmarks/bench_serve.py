@@ -89,7 +89,8 @@ async def closed_loop(url: str, clients: int, max_requests: int, duration: float
         await asyncio.gather(*(one_client(c, http) for c in range(clients)))
         wall = time.perf_counter() - t0
     lat = sorted(latencies)
-    pct = (lambda q: 1000 * lat[min(len(lat) - 1, int(q * len(lat)))] if lat else float("nan"))
+    def pct(q):
+        return 1000 * lat[min(len(lat) - 1, int(q * len(lat)))] if lat else float("nan")
     return {"clients": clients, "ok": len(lat), "errors": errors, "wall_s": round(wall, 2),
             "throughput_rps": round(len(lat) / wall, 2), "p50_ms": round(pct(0.50), 1),
             "p99_ms": round(pct(0.99), 1), "mean_ms": round(1000 * statistics.fmean(lat), 1) if lat else None}
@@ -140,9 +141,11 @@ def summarize(rows: list[dict], clients: list[int]) -> dict:
     print("\nmedian over repeats:")
     med = {}
     for (wait, c), rs in table.items():
-        med[(wait, c)] = {k: statistics.median(r[k] for r in rs) for k in ("throughput_rps", "p50_ms", "p99_ms", "mean_batch")}
+        med[(wait, c)] = {k: statistics.median(r[k] for r in rs)
+                          for k in ("throughput_rps", "p50_ms", "p99_ms", "mean_batch")}
         m = med[(wait, c)]
-        print(f"  {'off' if wait is None else f'on, wait {wait:.2f} s':<16} clients={c:>3}  {m['throughput_rps']:>7.2f} req/s  "
+        print(f"  {'off' if wait is None else f'on, wait {wait:.2f} s':<16} clients={c:>3}  "
+              f"{m['throughput_rps']:>7.2f} req/s  "
               f"p50 {m['p50_ms']:>7.1f} ms  p99 {m['p99_ms']:>7.1f} ms  mean batch {m['mean_batch']:.2f}  "
               f"errors {sum(r['errors'] for r in rs)}")
     top = max(clients)

@@ -66,7 +66,8 @@ def main() -> None:
     images = [_unpng(b) for b in outs[1]["png"]]
     scores = []
     for lo in range(0, len(images), cfg.judge.batch_size):
-        scores += m.judge(images[lo:lo + cfg.judge.batch_size], list(outs[1]["prompt"][lo:lo + cfg.judge.batch_size])).score
+        scores += m.judge(images[lo:lo + cfg.judge.batch_size],
+                          list(outs[1]["prompt"][lo:lo + cfg.judge.batch_size])).score
     times["no-ray"] = (t1 - t0, time.perf_counter() - t1)
     same = (outs[1]["image_tokens"].tolist() == outs[2]["image_tokens"].tolist()
             and np.allclose(outs[1]["score"], outs[2]["score"], atol=1e-5)

@@ -116,7 +116,8 @@ def main() -> None:
     results = {v: {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "variant"} for v, rs in runs.items()}
     print(f"shapes-sized Janus ({results['sft']['params_m']:.2f} M params), batch {a.batch}, {a.steps} steps, "
           f"1 thread, median of {a.repeats}")
-    print(f"{'variant':14s} {'tokens/s':>9s} {'s/step':>7s} {'weights MiB':>12s} {'peak RSS MiB':>13s} {'above base':>11s}")
+    print(f"{'variant':14s} {'tokens/s':>9s} {'s/step':>7s} {'weights MiB':>12s} "
+          f"{'peak RSS MiB':>13s} {'above base':>11s}")
     for v, r in results.items():
         print(f"{v:14s} {r['tokens_per_s']:9.0f} {r['step_s']:7.3f} {r['weights_mib']:12.1f} "
               f"{r['peak_rss_mib']:13.0f} {r['peak_rss_mib'] - r['baseline_rss_mib']:11.0f}")

@@ -246,7 +246,8 @@ class JanusUnified:
             # Always decode exactly `chunk` images (pad the last chunk): convolution kernels can pick
             # other algorithms for other batch sizes, and an image's pixels must not depend on the
             # batch it was generated in (1 vs 2 actors, batch sizes, serve batching).
-            padded = torch.cat([part, part.new_zeros(chunk - part.shape[0], part.shape[1])]) if part.shape[0] < chunk else part
+            padded = (torch.cat([part, part.new_zeros(chunk - part.shape[0], part.shape[1])])
+                      if part.shape[0] < chunk else part)
             pix = self.janus.decode_image_tokens(padded)[: part.shape[0]].float()  # (m, H, W, C)
             arr = ((pix.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
             out.extend(Image.fromarray(a) for a in arr)
@@ -262,7 +263,8 @@ class JanusUnified:
         prompts = _check_prompts(prompts)
         image_tokens = torch.as_tensor(image_tokens, dtype=torch.long, device=self.device)
         if image_tokens.ndim != 2 or image_tokens.shape[1] != self.num_image_tokens:
-            raise ValueError(f"image_tokens must have shape (B, {self.num_image_tokens}), got {tuple(image_tokens.shape)}")
+            raise ValueError(f"image_tokens must have shape (B, {self.num_image_tokens}), "
+                             f"got {tuple(image_tokens.shape)}")
         if image_tokens.shape[0] != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {image_tokens.shape[0]} rows of image_tokens")
         weight = 1.0 if cfg_weight is None else _check_float("cfg_weight", cfg_weight, 0.0)
@@ -304,7 +306,8 @@ class JanusUnified:
         texts = [self._chat([{"type": "image"}, {"type": "text", "text": " " + q}], system) for q in questions]
         if suffixes is not None:
             texts = [t + s for t, s in zip(texts, suffixes)]
-        images = [im.convert("RGB") if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im)) for im in images]
+        images = [im.convert("RGB") if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im))
+                  for im in images]
         pixels = self._fast_pixels(images)
         if pixels is None:
             enc = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
@@ -341,8 +344,8 @@ class JanusUnified:
                     for t, y in zip(texts, targets)]
         if min(n_target) < 1:
             raise ValueError("every target must add at least one token")
-        batch = self._understanding_inputs(images, questions, system,
-                                           [(s if suffixes else "") + y for s, y in zip(suffixes or [""] * len(targets), targets)])
+        batch = self._understanding_inputs(images, questions, system, [(s if suffixes else "") + y
+                                           for s, y in zip(suffixes or [""] * len(targets), targets)])
         labels = torch.full_like(batch["input_ids"], -100)
         for i, k in enumerate(n_target):  # left padding: each row's target is its last k tokens
             labels[i, -k:] = batch["input_ids"][i, -k:]

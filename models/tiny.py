@@ -91,7 +91,8 @@ def build_tokenizer(words: list[str] | tuple[str, ...] = ()) -> PreTrainedTokeni
         pad_token=SPECIAL["pad"],
         unk_token=SPECIAL["unk"],
         padding_side="left",
-        extra_special_tokens={"image_token": SPECIAL["image"], "boi_token": SPECIAL["boi"], "eoi_token": SPECIAL["eoi"]},
+        extra_special_tokens={"image_token": SPECIAL["image"], "boi_token": SPECIAL["boi"],
+                              "eoi_token": SPECIAL["eoi"]},
     )
 
 
@@ -129,7 +130,8 @@ def janus_config(spec: TinySpec, tokenizer: PreTrainedTokenizerFast) -> JanusCon
         raise ValueError("image_size must be a multiple of vq_patch and vision_patch")
     mult = spec.vq_channel_multiplier or [1] * (int(spec.vq_patch).bit_length())
     if 2 ** (len(mult) - 1) != spec.vq_patch:
-        raise ValueError(f"vq_channel_multiplier {mult} down-samples by {2 ** (len(mult) - 1)}, not vq_patch={spec.vq_patch}")
+        raise ValueError(f"vq_channel_multiplier {mult} down-samples by {2 ** (len(mult) - 1)}, "
+                         f"not vq_patch={spec.vq_patch}")
     if any((spec.vq_base_channels * m) % 32 for m in mult):
         raise ValueError("VQ channels must be multiples of 32 (GroupNorm(32))")
     vq_grid = spec.image_size // spec.vq_patch
@@ -152,7 +154,8 @@ def janus_config(spec: TinySpec, tokenizer: PreTrainedTokenizerFast) -> JanusCon
         ),
         vq_config=dict(
             num_embeddings=spec.codebook, embed_dim=spec.vq_embed_dim, base_channels=spec.vq_base_channels,
-            channel_multiplier=mult, num_res_blocks=spec.vq_res_blocks, latent_channels=spec.vq_latent_channels or spec.vq_embed_dim * 4,
+            channel_multiplier=mult, num_res_blocks=spec.vq_res_blocks,
+            latent_channels=spec.vq_latent_channels or spec.vq_embed_dim * 4,
             projection_dim=spec.hidden, image_token_embed_dim=spec.hidden,
         ),
         image_token_id=tokenizer.convert_tokens_to_ids(SPECIAL["image"]),

@@ -329,7 +329,8 @@ def audit_vs_best(best_round: Optional[int], best_metrics: Optional[dict], round
     co = (degraded or below_base) and _nonunified_shrank(cand, best_rec)
     verdict = ("DEGRADED: drop beyond tolerance" if degraded else
                f"DEGRADED: significantly below the base model (paired gain "
-               f"{cand['eval/gen_gain_vs_base'] * 100:+.1f} points, 95% CI high {paired_hi * 100:+.1f})" if below_base else
+               f"{cand['eval/gen_gain_vs_base'] * 100:+.1f} points, "
+               f"95% CI high {paired_hi * 100:+.1f})" if below_base else
                "promote: tie with the best (not worse)" if abs(delta) <= EPS else
                "promote: better than the best" if promote else
                "hold: below the best but within tolerance (best kept)")

@@ -84,7 +84,8 @@ def table(runs: list[list[dict]]) -> str:
 def summary(runs: list[list[dict]]) -> str:
     """Per run: the last round's and the best-promoted round's paired gain (the best is chosen on the
     same evaluation, so its gain is optimistic; the last round's is not selected)."""
-    out = ["| run | rounds | last round gain, points [95% CI] | best promoted round | its gain |", "|---|---|---|---|---|"]
+    out = ["| run | rounds | last round gain, points [95% CI] | best promoted round | its gain |",
+           "|---|---|---|---|---|"]
     for rows in runs:
         if len(rows) < 2:
             continue

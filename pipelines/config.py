@@ -63,8 +63,7 @@ class LoraConfig:
     dropout: float = _f(0.05, "Dropout on the LoRA input.", ge=0, le=0.9)
     target_modules: Union[str, list[str]] = _f(
         LM_PROJECTIONS, "Modules to adapt: a regex string (peft full match) or a list of names.")
-    modules_to_save: list[str] = _f(
-        ["generation_head"], "Modules trained in full and saved with the adapter.")
+    modules_to_save: list[str] = _f(["generation_head"], "Modules trained in full and saved with the adapter.")
 
 
 @dataclass
@@ -96,7 +95,8 @@ class PromptsConfig:
 class GenerateConfig:
     num_images: int = _f(8, "N images sampled per prompt.", ge=1)
     num_images_by_category: dict[str, int] = _f(
-        {}, "N per prompt for the named categories (e.g. more samples where the model is rarely right); others use num_images.", ge=1)
+        {}, "N per prompt for the named categories (e.g. more samples where the model is rarely right); "
+        "others use num_images.", ge=1)
     cfg_weight: float = _f(5.0, "Classifier-free guidance weight; 1.0 = no guidance.", ge=1.0, le=20.0)
     temperature: float = _f(1.0, "Sampling temperature of the image tokens.", gt=0)
     top_k: Optional[int] = _f(None, "Sample only among the k most likely tokens (None = all).", ge=1)
@@ -122,10 +122,8 @@ class JudgeConfig:
 
 @dataclass
 class PoolsConfig:
-    accept_threshold: float = _f(0.6, "score >= this -> accepted (checked before rejected).",
-                                 ge=0, le=1)
-    reject_threshold: float = _f(0.4, "score <= this -> rejected; in between -> uncertain.",
-                                 ge=0, le=1)
+    accept_threshold: float = _f(0.6, "score >= this -> accepted (checked before rejected).", ge=0, le=1)
+    reject_threshold: float = _f(0.4, "score <= this -> rejected; in between -> uncertain.", ge=0, le=1)
     sft_select: Literal["all", "best_of_n"] = _f(
         "all", "SFT rows: all accepted samples, or per prompt the top-scored accepted one plus any above "
         "best_of_n_keep_above.")
@@ -241,8 +239,10 @@ class ServeConfig:
     max_n: int = _f(4, "Most images returned per request.", ge=1)
     max_best_of: int = _f(8, "Most candidates sampled per request (best_of >= n).", ge=1)
     api_key_env: Optional[str] = _f(None, "Env var holding the API key (None = no auth).")
-    body_timeout_s: float = _f(10.0, "A request body must arrive within this many seconds (HTTP 408; serve/guard.py).", gt=0, le=600)
-    max_ongoing_requests: int = _f(64, "Requests a replica holds at once (running + waiting for a batch); more queue at the proxy.", ge=1)
+    body_timeout_s: float = _f(10.0, "A request body must arrive within this many seconds (HTTP 408; serve/guard.py).",
+                               gt=0, le=600)
+    max_ongoing_requests: int = _f(64, "Requests a replica holds at once (running + waiting for a batch); "
+                                   "more queue at the proxy.", ge=1)
 
 
 @dataclass

@@ -138,7 +138,8 @@ def _cmd_run(args) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     manifest = run(cfg)
     best = manifest["pointers"].get("best")
-    print(f"run {cfg.run.name}: done; best round {best}; report {os.path.join(cfg.run.root, cfg.run.name, 'report.md')}")
+    print(f"run {cfg.run.name}: done; best round {best}; "
+          f"report {os.path.join(cfg.run.root, cfg.run.name, 'report.md')}")
     return 0
 
 

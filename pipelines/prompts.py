@@ -10,8 +10,8 @@ hold (`schemas.prompt_text_problem`: control characters, surrogates), lines that
 prompts over the token budget, rows without a prompt, malformed lines and duplicate ids are skipped
 and counted by reason, with the line (or row) of the first few, in the `PromptReport`.
 Files are streamed (JSONL and CSV line by line, Parquet in record batches) and reading stops once
-`limit` good prompts are kept: memory grows with the prompts kept, not with the file. A missing file, an unknown format or a file without a `prompt` column is a
-`PromptSourceError` (nothing sensible to continue with).
+`limit` good prompts are kept: memory grows with the prompts kept, not with the file. A missing file,
+an unknown format or a file without a `prompt` column is a `PromptSourceError` (nothing sensible to continue with).
 
 Example:
     >>> import json, os, tempfile

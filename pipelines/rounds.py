@@ -157,7 +157,8 @@ def mixed_slice(prompts: list[dict], mix: dict[str, float], n: int, k: int) -> l
     by largest remainder, each taken as a rotating slice of that category's own prompts.
 
     >>> ps = [{"prompt_id": f"{c}{i}", "category": c} for c in "ab" for i in range(4)]
-    >>> [p["prompt_id"] for p in mixed_slice(ps, {"a": 3, "b": 1}, 4, 1)], [p["prompt_id"] for p in mixed_slice(ps, {"a": 3, "b": 1}, 4, 2)]
+    >>> ([p["prompt_id"] for p in mixed_slice(ps, {"a": 3, "b": 1}, 4, 1)],
+    ...  [p["prompt_id"] for p in mixed_slice(ps, {"a": 3, "b": 1}, 4, 2)])
     (['a0', 'a1', 'a2', 'b0'], ['a3', 'a0', 'a1', 'b1'])
     """
     shares = {c: w for c, w in mix.items() if w > 0}

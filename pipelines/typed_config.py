@@ -6,7 +6,8 @@ a checked dataclass). Split out so the tree stays readable on its own and each f
 
 Fields carry their doc and range in `field(metadata=...)` (use `doc_field` / `section_field`).
 Types understood: int, float (ints accepted; NaN and +-inf refused), bool, str, Literal[str...], list[T],
-dict[str, T] (ranges apply to each value), Optional / unions and nested dataclasses. Every problem is a `ConfigError` naming the dotted key.
+dict[str, T] (ranges apply to each value), Optional / unions and nested dataclasses. Every problem is a
+`ConfigError` naming the dotted key.
 
 Example:
     >>> from dataclasses import dataclass

@@ -18,7 +18,8 @@ yes/no score instead of parsing text.
 
 Example:
     >>> from serve.validation import Limits
-    >>> img = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
+    >>> img = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ"
+    ...        "/pLvAAAAAElFTkSuQmCC")
     >>> body = {"model": "round-2", "messages": [{"role": "user", "content": [
     ...     {"type": "text", "text": "Is there a red circle?"}, {"type": "image_url", "image_url": {"url": img}}]}]}
     >>> r = parse_chat(body, Limits(64, 4, 8))
@@ -116,7 +117,8 @@ def _messages(messages: Any, limits: Limits) -> tuple[Optional[str], str, Any]:
     if len(question) > limits.max_prompt_chars:
         raise RequestError(422, f"the question has {len(question)} characters; the limit is "
                            f"{limits.max_prompt_chars} (serve.max_prompt_chars)", "messages")
-    url = (parts["image_url"].get("image_url") or {}).get("url") if isinstance(parts["image_url"].get("image_url"), dict) else None
+    url = ((parts["image_url"].get("image_url") or {}).get("url")
+           if isinstance(parts["image_url"].get("image_url"), dict) else None)
     if not isinstance(url, str) or not url.startswith("data:image/"):
         raise RequestError(422, "image_url.url must be a data:image/...;base64, URI (URLs are not fetched)",
                            "messages")

@@ -125,7 +125,8 @@ def parse_generation(data: dict, limits: Limits, header_round: Optional[str] = N
     seed = _int(data, "seed", None, 0, MAX_SEED, "2**63-1")
     cfg = data.get("cfg_weight")
     if cfg is not None:
-        if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or (isinstance(cfg, float) and not math.isfinite(cfg)):
+        if (isinstance(cfg, bool) or not isinstance(cfg, (int, float))
+                or (isinstance(cfg, float) and not math.isfinite(cfg))):
             raise RequestError(422, f"cfg_weight must be a finite number, got {_show(cfg)}", "cfg_weight")
         if cfg < 1:  # 1.0 means "no guidance"; below it the guidance pushes away from the prompt
             raise RequestError(422, f"cfg_weight must be >= 1 (1 = no guidance), got {_show(cfg)}", "cfg_weight")
@@ -177,7 +178,8 @@ def decode_image(value: Any) -> Image.Image:
 def _show(value: Any, limit: int = SHOW_CHARS) -> str:
     """`value` as quoted in a message: repr, cut to `limit` characters (a 400-digit number or a
     megabyte string is not echoed back)."""
-    text = repr(value) if not isinstance(value, int) or value.bit_length() < 128 else f"<{value.bit_length()}-bit integer>"
+    text = (repr(value) if not isinstance(value, int) or value.bit_length() < 128
+            else f"<{value.bit_length()}-bit integer>")
     return text if len(text) <= limit else text[:limit] + "..."
 
 

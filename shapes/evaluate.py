@@ -5,8 +5,8 @@ probes pretraining (`shapes.pretrain`) and scores the go / no-go arms (`shapes.g
 HELD-OUT prompts (`shapes.world.heldout_prompts`) are used. Every rate comes with n and a 95 %
 Wilson interval, per category and overall.
 
-- understanding: balanced held-out pairs, categories equally often. Each pair asks a held-out prompt P about an image that
-  satisfies P (label yes) or not (label no: a scene of a one-attribute hard negative of P, or 15 %
+- understanding: balanced held-out pairs, categories equally often. Each pair asks a held-out prompt P about an image
+  that satisfies P (label yes) or not (label no: a scene of a one-attribute hard negative of P, or 15 %
   a random scene that fails P). Images are VQ reconstructions of renders (what a judge sees when
   it scores generations). Accuracy = balanced accuracy (half the pairs are yes).
 - generation: images the model draws for held-out prompts (cfg 2, temperature 1), scored by the
@@ -183,7 +183,8 @@ def run_eval(args) -> int:
                                   f"--images {args.images} --pairs {args.pairs} --seed {args.seed}")}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: result[k]["overall"] for k in ("understanding", "generation", "nonunified", "weak_generation")}))
+    print(json.dumps({k: result[k]["overall"]
+                      for k in ("understanding", "generation", "nonunified", "weak_generation")}))
     return 0
 
 

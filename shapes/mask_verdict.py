@@ -18,7 +18,8 @@ Example:
     >>> import numpy as np
     >>> from shapes.world import parse_prompt, render, sample_scene
     >>> image = render(sample_scene(parse_prompt("a red triangle left of a blue circle"), np.random.default_rng(1)))
-    >>> mask_check(image, "a red triangle left of a blue circle"), mask_check(image, "a red square left of a blue circle")
+    >>> (mask_check(image, "a red triangle left of a blue circle"),
+    ...  mask_check(image, "a red square left of a blue circle"))
     (True, False)
 """
 

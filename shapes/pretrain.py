@@ -164,7 +164,8 @@ def understanding_rows(n_images: int, rng: np.random.Generator, vq, cfg: Pretrai
             for lst, v in zip(groups.setdefault(system, ([], [], [])), (img, q, t)):
                 lst.append(v)
         if rng.random() < cfg.caption_prob:
-            for lst, v in zip(groups.setdefault(None, ([], [], [])), (img, CAPTION_QUESTION, f" {cap}<|end_of_sentence|>")):
+            for lst, v in zip(groups.setdefault(None, ([], [], [])),
+                              (img, CAPTION_QUESTION, f" {cap}<|end_of_sentence|>")):
                 lst.append(v)
     return groups
 

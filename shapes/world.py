@@ -269,7 +269,8 @@ def random_scene(rng: np.random.Generator, max_objects: int = NUM_CELLS) -> Scen
     n = int(rng.integers(1, max_objects + 1))
     cells = rng.permutation(NUM_CELLS)[:n]
     return _scene(
-        [_place(SHAPES[rng.integers(len(SHAPES))], COLOUR_NAMES[rng.integers(len(COLOURS))], int(c), rng) for c in cells]
+        [_place(SHAPES[rng.integers(len(SHAPES))], COLOUR_NAMES[rng.integers(len(COLOURS))], int(c), rng)
+         for c in cells]
     )
 
 

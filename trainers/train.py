@@ -225,7 +225,7 @@ def _build_policy(args: TrainArgs, state: Optional[dict], device: str):
 
     unified = load_model(args.model_path, dtype=args.model_dtype, device=device)
     torch.manual_seed(args.seed)  # identical LoRA init on every rank
-    unified = load_adapter(unified, args.init_adapter, trainable=True) if args.init_adapter else attach_lora(unified, args.lora)
+    unified = load_adapter(unified, args.init_adapter, trainable=True) if args.init_adapter else attach_lora(unified, args.lora)  # noqa: E501
     unified.model.to(device).train()
     if state is not None:
         trainable = {n for n, p in unified.model.named_parameters() if p.requires_grad}
@@ -244,8 +244,8 @@ def _micro_loss(model, unified, data: D.PackedRows, idx, args: TrainArgs):
         tokens = torch.from_numpy(data.tokens["image_tokens"][idx]).to(dev)  # (b, T)
         per_token = model(ids, mask, tokens)  # (b, T)
         return sft_loss(per_token), {"token_logp": per_token.mean().item()}, tokens.numel()
-    b = len(idx)
-    tokens = torch.cat([torch.from_numpy(data.tokens[c][idx]) for c in D.TOKEN_COLUMNS["dpo"]]).to(dev)  # (2b, T): chosen, rejected
+    b = len(idx)  # tokens: b chosen rows, then b rejected
+    tokens = torch.cat([torch.from_numpy(data.tokens[c][idx]) for c in D.TOKEN_COLUMNS["dpo"]]).to(dev)  # (2b, T)
     per_token = model(ids.repeat(2, 1), mask.repeat(2, 1), tokens)  # (2b, T)
     norm = tokens.shape[1] if args.loss_type == "ipo" else 1  # ipo: token-averaged log-probs
     logp = per_token.sum(-1) / norm  # (2b,)

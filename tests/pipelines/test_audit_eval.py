@@ -280,7 +280,8 @@ def test_second_verdict_column_and_metrics(base_eval):
 
     samples, metrics = second_verdict(base_eval[1])
     gen = samples["kind"] == "generation"
-    assert samples.loc[gen, "second_verdict"].isin([0.0, 1.0]).all() and samples.loc[~gen, "second_verdict"].isna().all()
+    assert (samples.loc[gen, "second_verdict"].isin([0.0, 1.0]).all()
+            and samples.loc[~gen, "second_verdict"].isna().all())
     assert metrics["eval/gen_accuracy_second/n"] == 12 and metrics["eval/verdict_agreement/n"] == 12
     agree = (samples.loc[gen, "second_verdict"] == samples.loc[gen, "external_verdict"].astype(float)).mean()
     assert metrics["eval/verdict_agreement"] == pytest.approx(agree)

@@ -114,7 +114,8 @@ def test_huge_integers_for_floats_are_refused():
 def test_unknown_yaml_key_suggests(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("pools:\n  accept_treshold: 0.7\n")
-    with pytest.raises(ConfigError, match=r"pools.accept_treshold: unknown key \(did you mean 'pools.accept_threshold'\?\)"):
+    with pytest.raises(ConfigError,
+                       match=r"pools.accept_treshold: unknown key \(did you mean 'pools.accept_threshold'\?\)"):
         load_config(path)
 
 

@@ -65,7 +65,8 @@ def test_same_output_with_two_actors_and_other_batch_sizes(reference):
 
 def test_more_samples_for_named_categories_extend_the_same_streams(reference):
     cfg, samples, _ = reference
-    more = generate_table(PROMPTS, make_cfg(generate={"num_images_by_category": {"spatial": 4, "counting": 3}}), round_=1)
+    more = generate_table(PROMPTS, make_cfg(generate={"num_images_by_category": {"spatial": 4, "counting": 3}}),
+                          round_=1)
     n = more.groupby("prompt_id")["sample_index"].max() + 1
     assert n.to_dict() == {"p0": 2, "p1": 3, "p2": 2, "p3": 4, "p4": 2}
     # sample i of a prompt is the same whatever N: the first two of every prompt are the reference's

@@ -303,23 +303,23 @@ BAD = {
     "seed negative": (_gen(prompt=PROMPT, seed=-1), 422, "seed"),
     "seed a float": (_gen(prompt=PROMPT, seed=1.5), 422, "seed"),
     "cfg_weight below 1": (_gen(prompt=PROMPT, cfg_weight=0.5), 422, "cfg_weight"),
-    "cfg_weight NaN": (("/v1/images/generations", {"content": b'{"prompt": "a", "cfg_weight": NaN}'}), 422, "cfg_weight"),
-    "cfg_weight Infinity": (("/v1/images/generations", {"content": b'{"prompt": "a", "cfg_weight": Infinity}'}), 422, "cfg_weight"),
+    "cfg_weight NaN": (("/v1/images/generations", {"content": b'{"prompt": "a", "cfg_weight": NaN}'}), 422, "cfg_weight"),  # noqa: E501
+    "cfg_weight Infinity": (("/v1/images/generations", {"content": b'{"prompt": "a", "cfg_weight": Infinity}'}), 422, "cfg_weight"),  # noqa: E501
     "unknown round": (_gen(prompt=PROMPT, round=7), 422, "round"),
     "negative round": (_gen(prompt=PROMPT, round=-1), 422, "round"),
-    "bad round header": (("/v1/images/generations", {"json": {"prompt": PROMPT}, "headers": {"serve_multiplexed_model_id": "best"}}), 422, "serve_multiplexed_model_id"),
-    "round header disagrees": (("/v1/images/generations", {"json": {"prompt": PROMPT, "round": 1}, "headers": {"serve_multiplexed_model_id": "2"}}), 422, "round"),
+    "bad round header": (("/v1/images/generations", {"json": {"prompt": PROMPT}, "headers": {"serve_multiplexed_model_id": "best"}}), 422, "serve_multiplexed_model_id"),  # noqa: E501
+    "round header disagrees": (("/v1/images/generations", {"json": {"prompt": PROMPT, "round": 1}, "headers": {"serve_multiplexed_model_id": "2"}}), 422, "round"),  # noqa: E501
     "unknown field": (_gen(prompt=PROMPT, num_images=2), 422, "num_images"),
     "malformed JSON": (("/v1/images/generations", {"content": b'{"prompt": "a",'}), 400, "body"),
     "empty body": (("/v1/images/generations", {"content": b""}), 400, "body"),
     "JSON array body": (("/v1/images/generations", {"json": [PROMPT]}), 422, "body"),
-    "wrong content type": (("/v1/images/generations", {"content": b'{"prompt": "a"}', "headers": {"content-type": "text/plain"}}), 415, "content-type"),
-    "body too large": (("/v1/images/generations", {"content": b'{"prompt": "' + b"x" * (9 * 2**20) + b'"}'}), 413, "body"),
+    "wrong content type": (("/v1/images/generations", {"content": b'{"prompt": "a"}', "headers": {"content-type": "text/plain"}}), 415, "content-type"),  # noqa: E501
+    "body too large": (("/v1/images/generations", {"content": b'{"prompt": "' + b"x" * (9 * 2**20) + b'"}'}), 413, "body"),  # noqa: E501
     "judge image missing": (("/v1/judge", {"json": {"prompt": PROMPT}}), 422, "image"),
     "judge image not base64": (("/v1/judge", {"json": {"prompt": PROMPT, "image": "not base64 !!"}}), 422, "image"),
-    "judge base64 not an image": (("/v1/judge", {"json": {"prompt": PROMPT, "image": base64.b64encode(b"hello world").decode()}}), 422, "image"),
-    "judge image too many pixels": (("/v1/judge", {"json": {"prompt": PROMPT, "image": _png_b64((2100, 2100))}}), 413, "image"),
-    "judge image too many bytes": (("/v1/judge", {"json": {"prompt": PROMPT, "image": "A" * (6 * 2**20)}}), 413, "image"),
+    "judge base64 not an image": (("/v1/judge", {"json": {"prompt": PROMPT, "image": base64.b64encode(b"hello world").decode()}}), 422, "image"),  # noqa: E501
+    "judge image too many pixels": (("/v1/judge", {"json": {"prompt": PROMPT, "image": _png_b64((2100, 2100))}}), 413, "image"),  # noqa: E501
+    "judge image too many bytes": (("/v1/judge", {"json": {"prompt": PROMPT, "image": "A" * (6 * 2**20)}}), 413, "image"),  # noqa: E501
     "judge prompt missing": (("/v1/judge", {"json": {"image": _png_b64()}}), 422, "prompt"),
 }
 

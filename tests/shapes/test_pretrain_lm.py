@@ -22,7 +22,8 @@ TINY = TinySpec(hidden=32, layers=1, heads=2, kv_heads=2, intermediate=64, visio
 def tiny(tmp_path_factory):
     torch.set_num_threads(1)
     vq_dir = tmp_path_factory.mktemp("vq")
-    save_vq(build_vq(VQSettings(base_channels=32, codebook=32, embed_dim=8, latent_channels=32, projection_dim=32)), vq_dir)
+    save_vq(build_vq(VQSettings(base_channels=32, codebook=32, embed_dim=8, latent_channels=32,
+                                projection_dim=32)), vq_dir)
     cfg = PretrainConfig(spec=TINY, und_images=3, mix_images=2, gen_rows=4, lr=3e-3, gen_lr=3e-3, warmup=1)
     m = build_model(cfg, vq_dir, seed=0)
     return m, cfg

@@ -22,8 +22,8 @@ import torch
 from models.loading import load_model
 from models.lora import AdapterError, LoraSpec, attach_lora, load_adapter, verify_adapter
 from trainers import data as D
-from trainers.train import (PolicyLogprobs, TrainArgs, TrainDataError, lr_factor, precompute_ref_logprobs, train_adapter,
-                            validate)
+from trainers.train import (PolicyLogprobs, TrainArgs, TrainDataError, lr_factor, precompute_ref_logprobs,
+                            train_adapter, validate)
 
 PROMPTS = ["a red circle", "two blue square", "a green triangle left of a yellow circle", "purple square above"]
 T, V = 16, 64  # tiny model: image tokens per image, codebook size
@@ -96,13 +96,16 @@ INVALID = {
     "empty SFT set": ({}, [], TrainDataError, "is empty"),
     "missing column": ({}, _mutate(sft_rows(4), 1, image_tokens=_DROP), TrainDataError, "missing column"),
     "wrong token length": ({}, _mutate(sft_rows(4), 2, image_tokens=[1] * (T - 1)), TrainDataError, "15 tokens"),
-    "token outside codebook": ({}, _mutate(sft_rows(4), 0, image_tokens=[V] * T), TrainDataError, "outside the codebook"),
+    "token outside codebook": ({}, _mutate(sft_rows(4), 0, image_tokens=[V] * T), TrainDataError,
+                               "outside the codebook"),
     "blank prompt": ({}, _mutate(sft_rows(4), 3, prompt=" "), TrainDataError, "non-empty string"),
     "DPO without ref": ({"objective": "dpo"}, dpo_pairs(4), TrainDataError, "precompute_ref_logprobs"),
-    "DPO NaN ref": ({"objective": "dpo"}, _mutate(_PAIRS_WITH_REF, 0, ref_chosen_logp=math.nan), TrainDataError, "finite"),
+    "DPO NaN ref": ({"objective": "dpo"}, _mutate(_PAIRS_WITH_REF, 0, ref_chosen_logp=math.nan), TrainDataError,
+                    "finite"),
     "empty DPO set": ({"objective": "dpo"}, [], TrainDataError, "DPO pair set is empty"),
     "fewer rows than workers": ({"num_workers": 3}, sft_rows(2), TrainDataError, "every worker"),
-    "LoRA target matches nothing": ({"lora": LoraSpec(target_modules=r".*no_such_proj")}, sft_rows(4), ValueError, "matches no module"),
+    "LoRA target matches nothing": ({"lora": LoraSpec(target_modules=r".*no_such_proj")}, sft_rows(4), ValueError,
+                                    "matches no module"),
     "lr zero": ({"lr": 0.0}, sft_rows(4), ValueError, "lr must be > 0"),
     "batch_size zero": ({"batch_size": 0}, sft_rows(4), ValueError, "batch_size"),
     "label smoothing with ipo": ({"loss_type": "ipo", "label_smoothing": 0.1}, sft_rows(4), ValueError, "sigmoid"),
