@@ -23,6 +23,7 @@ from pipelines.config import load_config
 from pipelines.store import RunStore
 from serve.client import encode_image
 from serve.guard import BODY_TIMEOUT_ENV
+from tests.serve.serve_helpers import free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -34,12 +35,6 @@ def body_timeout_s() -> float:
     return float(os.environ[BODY_TIMEOUT_ENV])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def url(ray_session, tmp_path_factory):
     from ray import serve
@@ -48,7 +43,7 @@ def url(ray_session, tmp_path_factory):
 
     root = str(tmp_path_factory.mktemp("hard_runs"))
     RunStore(root, "hard").init(load_config(os.path.join(REPO, "configs", "tiny.yaml"), [f"run.root={root}"]))
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     overrides = ["serve.max_batch_size=8", "serve.batch_wait_timeout_s=0.3", "serve.max_n=2", "serve.max_best_of=4",
                  "serve.max_prompt_chars=64", f"serve.body_timeout_s={body_timeout_s()}",

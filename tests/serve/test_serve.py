@@ -1,103 +1,25 @@
 """Ray Serve app end to end: a real local Serve on 127.0.0.1, the tiny model, a two-adapter run dir.
 
-One app for the whole module (starting Serve costs 10-30 s here); `serve.shutdown()` at the end.
-The run has adapters for rounds 1 and 2 (LoRA B perturbed so they change outputs), `best` -> 1, and
-an API key (so every call but /healthz sends it).
+One app for the whole module (fixtures `server`, `http`: tests/serve/conftest.py; the run dir:
+serve_helpers.make_run -- adapters for rounds 1 and 2 that change outputs, a corrupt round 3,
+`best` -> 1, and an API key, so every call but /healthz sends it). The OpenAI-compatible routes
+are tested in test_openai_api.py.
 """
 
 from __future__ import annotations
 
 import base64
 import io
-import math
-import os
-import shutil
-import socket
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from pipelines.config import load_config
-from pipelines.store import RunStore
-from serve.client import UnigapClient, UnigapHTTPError, encode_image
+from serve.client import UnigapClient, UnigapHTTPError
+from tests.serve.serve_helpers import KEY, PROMPT, THRESHOLD, pixels, png_b64
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
-
-KEY_ENV, KEY = "UNIGAP_TEST_SERVE_KEY", "test-key-123"
-PROMPT = "a red circle"
-THRESHOLD = 0.5
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _make_run(root: str) -> str:
-    """A run dir with adapters for rounds 1, 2 (and a corrupt 3), `best` -> 1, as the driver leaves it."""
-    from models.lora import LoraSpec, attach_lora, save_adapter
-    from models.tiny import build_tiny
-
-    cfg = load_config(os.path.join(REPO, "configs", "tiny.yaml"), [
-        f"run.root={root}", "run.name=served", f"serve.api_key_env={KEY_ENV}", "serve.min_replicas=1",
-        "serve.max_replicas=1", "serve.max_n=4", "serve.max_best_of=8", "serve.max_prompt_chars=64",
-        f"serve.contradiction_threshold={THRESHOLD}", "serve.max_batch_size=8", "serve.batch_wait_timeout_s=0.1"])
-    store = RunStore(root, "served")
-    store.init(cfg)
-    for k in (1, 2):
-        m = attach_lora(build_tiny(), LoraSpec(r=4))
-        g = torch.Generator().manual_seed(k)
-        with torch.no_grad():  # fresh LoRA B is zero (a no-op): make each round really different
-            for name, p in m.model.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-        save_adapter(m, store.adapter_dir(k))
-    # Round 3: a copy of round 2 with its weights tampered after the checksum was written.
-    shutil.copytree(store.adapter_dir(2), store.adapter_dir(3))
-    with open(os.path.join(store.adapter_dir(3), "adapter_model.safetensors"), "r+b") as fh:
-        fh.seek(-8, os.SEEK_END)
-        fh.write(b"\x00" * 8)
-    store.set_pointer("best", 1)
-    return store.uri
-
-
-@pytest.fixture(scope="module")
-def server(ray_session, tmp_path_factory):
-    from ray import serve
-
-    from serve.app import build_app
-
-    os.environ[KEY_ENV] = KEY
-    run_dir = _make_run(str(tmp_path_factory.mktemp("serve_runs")))
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"run_dir": run_dir, "num_cpus": 0.5}), name="unigap-test", route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
-    try:
-        yield {"url": url, "run_dir": run_dir, "client": UnigapClient(url, api_key=KEY, timeout=120)}
-    finally:
-        serve.shutdown()
-        os.environ.pop(KEY_ENV, None)
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server["url"], timeout=120, trust_env=False) as c:
-        yield c
-
-
-def _pixels(b64: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
-
-
-def _png_b64(size=(32, 32)) -> str:
-    return encode_image(Image.new("RGB", size, (200, 30, 30)))
 
 
 # --------------------------------------------------------------------------- endpoints
@@ -141,7 +63,7 @@ def test_same_round_and_seed_reproduce_and_rounds_differ(server, http):
     other = {k: c.generate(PROMPT, n=2, seed=5, round=k) for k in (0, 2)}
     for k, r in other.items():
         assert r.round == k
-        assert not all(np.array_equal(_pixels(x.b64_png), _pixels(y.b64_png)) for x, y in zip(r.images, a.images))
+        assert not all(np.array_equal(pixels(x.b64_png), pixels(y.b64_png)) for x, y in zip(r.images, a.images))
     # Serve's multiplexing header selects the round like the body field does.
     via_header = http.post("/v1/images/generations", json={"prompt": PROMPT, "n": 2, "seed": 5},
                            headers={"x-api-key": KEY, "serve_multiplexed_model_id": "2"}).json()
@@ -165,7 +87,7 @@ def test_best_of_returns_the_highest_judged_candidates(server):
     assert [im.score for im in r.images] == pytest.approx([scores[i] for i in expected], abs=1e-4)
     assert r.images[0].score >= r.images[1].score >= sorted(scores)[-n]
     for im in r.images:
-        assert np.array_equal(_pixels(im.b64_png), np.asarray(out.images[0][im.index]))
+        assert np.array_equal(pixels(im.b64_png), np.asarray(out.images[0][im.index]))
 
 
 def test_concurrent_mixed_requests_match_requests_sent_alone(server):
@@ -182,7 +104,7 @@ def test_concurrent_mixed_requests_match_requests_sent_alone(server):
             assert x.seed == y.seed
             # Same tokens; the VQ decoder's float output differs in the last bits with the batch
             # size, so a pixel may round to a neighbouring level.
-            assert np.abs(_pixels(x.b64_png).astype(int) - _pixels(y.b64_png)).max() <= 2
+            assert np.abs(pixels(x.b64_png).astype(int) - pixels(y.b64_png)).max() <= 2
             assert x.score == pytest.approx(y.score, abs=1e-3)
 
 
@@ -200,87 +122,11 @@ def test_a_corrupt_adapter_fails_only_its_own_requests(server):
 
 def test_judge_route_per_round(server):
     c = server["client"]
-    img = Image.open(io.BytesIO(base64.b64decode(_png_b64())))
+    img = Image.open(io.BytesIO(base64.b64decode(png_b64())))
     scores = {k: c.judge("a red square", img, round=k) for k in (0, 1, 2)}
     for k, v in scores.items():
         assert v.round == k and v.valid and 0.0 <= v.score <= 1.0
     assert len({round(v.score, 6) for v in scores.values()}) > 1  # the rounds' judges differ
-
-
-def _chat_body(question="Is there a red circle?", model="round-1", **extra):
-    content = [{"type": "text", "text": question},
-               {"type": "image_url", "image_url": {"url": "data:image/png;base64," + _png_b64()}}]
-    return {"model": model, "messages": [{"role": "user", "content": content}], **extra}
-
-
-def test_openai_chat_completions_answer_with_the_rounds_understanding_branch(server, http):
-    from models.loading import load_model
-    from models.lora import load_adapter  # unmerged, as the server computes (one base, named adapters)
-    from serve.contradictions import open_run
-
-    auth = {"authorization": f"Bearer {KEY}"}
-    ids = [m["id"] for m in http.get("/v1/models", headers=auth).json()["data"]]
-    assert ids == ["unigap", "round-0", "round-1", "round-2", "round-3"]
-    r = http.post("/v1/chat/completions", json=_chat_body(logprobs=True, top_logprobs=2, max_tokens=8), headers=auth)
-    assert r.status_code == 200, r.text
-    body = r.json()
-    m = load_adapter(load_model("tiny"), open_run(server["run_dir"]).adapter_dir(1))
-    img = Image.open(io.BytesIO(base64.b64decode(_png_b64())))
-    assert body["object"] == "chat.completion" and body["model"] == "round-1"
-    assert body["choices"][0]["message"]["content"] == m.answer([img], ["Is there a red circle?"], max_new_tokens=8)[0]
-    top = {t["token"]: math.exp(t["logprob"]) for t in body["choices"][0]["logprobs"]["content"][0]["top_logprobs"]}
-    assert top["Yes"] == pytest.approx(m.p_yes([img], ["Is there a red circle?"])[0], abs=1e-4)
-    assert top["Yes"] + top["No"] == pytest.approx(1.0, abs=1e-6)
-    default = http.post("/v1/chat/completions", json=_chat_body(model="unigap", max_tokens=8), headers=auth).json()
-    assert default["model"] == "unigap" and default["system_fingerprint"] == "unigap-round-1"  # the promoted round
-    assert http.post("/v1/chat/completions", json=_chat_body()).status_code == 401
-    for bad, field in [(_chat_body(temperature=0.7), "temperature"), (_chat_body(model="gpt-4o"), "model"),
-                       (_chat_body(max_tokens=1000), "max_tokens"), (_chat_body(stream=True), "stream"),
-                       ({**_chat_body(), "messages": [{"role": "assistant", "content": "hi"}]}, "messages"),
-                       (_chat_body(question="a\x00b"), "messages"), (_chat_body(model="round-9"), "round")]:
-        r = http.post("/v1/chat/completions", json=bad, headers=auth)
-        assert r.status_code == 422 and r.json()["field"] == field, (bad, r.text)
-    url_body = _chat_body()
-    url_body["messages"][0]["content"][1]["image_url"]["url"] = "http://example.com/x.png"
-    assert http.post("/v1/chat/completions", json=url_body, headers=auth).json()["field"] == "messages"
-
-
-def test_the_openai_client_talks_to_unigap_serve(server):
-    openai = pytest.importorskip("openai")
-    client = openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY, max_retries=0, timeout=120)
-    assert [m.id for m in client.models.list()][:2] == ["unigap", "round-0"]
-    out = client.chat.completions.create(model="round-2", max_tokens=8, logprobs=True, top_logprobs=2,
-                                         **{"messages": _chat_body()["messages"]})
-    assert out.choices[0].message.role == "assistant" and isinstance(out.choices[0].message.content, str)
-    assert {t.token for t in out.choices[0].logprobs.content[0].top_logprobs} == {"Yes", "No"}
-
-
-def test_an_audit_judge_over_http_matches_the_same_checkpoint_in_process(server):
-    """audit.backend=openai_http through ray.data.llm against this live server (round 2 as the judge)
-    gives the verdicts the round-2 model gives in process: same images, same question."""
-    from models.loading import load_model
-    from models.lora import load_adapter  # unmerged, as the server computes (one base, named adapters)
-    from pipelines.audit import make_external_judge
-    from pipelines.http_judge import ExternalJudgeError
-    from serve.contradictions import open_run
-
-    m = load_adapter(load_model("tiny"), open_run(server["run_dir"]).adapter_dir(2))
-    prompts = ["a red circle", "two blue squares", "a green triangle", "a red square"] * 2
-    out = m.generate_images(prompts[:4], num_images=2, seed=list(range(4)))
-    images = [im for row in out.images for im in row]
-    prompts = [p for p in prompts[:4] for _ in range(2)]
-    expected = [s >= 0.5 for s in m.judge(images, prompts, mode="prob").score]
-    assert True in expected and False in expected  # a judge that always says one thing would fail
-    cfg = load_config(os.path.join(REPO, "configs", "tiny.yaml"), [
-        "audit.backend=openai_http", f"audit.http_url={server['url']}/v1/chat/completions",
-        "audit.http_model=round-2", f"audit.http_api_key_env={KEY_ENV}", "audit.http_concurrency=1"])
-    judge = make_external_judge(cfg.audit)
-    assert judge.verdicts(images, prompts) == expected and judge.unparseable == 0
-    wrong = make_external_judge(load_config(os.path.join(REPO, "configs", "tiny.yaml"), [
-        "audit.backend=openai_http", f"audit.http_url={server['url']}/v1/chat/completions",
-        "audit.http_model=round-99", f"audit.http_api_key_env={KEY_ENV}"]).audit)
-    with pytest.raises(ExternalJudgeError, match="no yes/no verdict"):  # a 422 body is not a "no"
-        wrong.verdicts(images[:2], prompts[:2])
 
 
 # --------------------------------------------------------------------------- bad input
@@ -318,9 +164,9 @@ BAD = {
     "judge image missing": (("/v1/judge", {"json": {"prompt": PROMPT}}), 422, "image"),
     "judge image not base64": (("/v1/judge", {"json": {"prompt": PROMPT, "image": "not base64 !!"}}), 422, "image"),
     "judge base64 not an image": (("/v1/judge", {"json": {"prompt": PROMPT, "image": base64.b64encode(b"hello world").decode()}}), 422, "image"),  # noqa: E501
-    "judge image too many pixels": (("/v1/judge", {"json": {"prompt": PROMPT, "image": _png_b64((2100, 2100))}}), 413, "image"),  # noqa: E501
+    "judge image too many pixels": (("/v1/judge", {"json": {"prompt": PROMPT, "image": png_b64((2100, 2100))}}), 413, "image"),  # noqa: E501
     "judge image too many bytes": (("/v1/judge", {"json": {"prompt": PROMPT, "image": "A" * (6 * 2**20)}}), 413, "image"),  # noqa: E501
-    "judge prompt missing": (("/v1/judge", {"json": {"image": _png_b64()}}), 422, "prompt"),
+    "judge prompt missing": (("/v1/judge", {"json": {"image": png_b64()}}), 422, "prompt"),
 }
 
 
@@ -356,7 +202,7 @@ def test_api_key_is_required_except_for_healthz(server, http):
     body = {"prompt": PROMPT, "seed": 1}
     assert http.post("/v1/images/generations", json=body).status_code == 401
     assert http.post("/v1/images/generations", json=body, headers={"x-api-key": "wrong"}).status_code == 401
-    assert http.post("/v1/judge", json={"prompt": PROMPT, "image": _png_b64()},
+    assert http.post("/v1/judge", json={"prompt": PROMPT, "image": png_b64()},
                      headers={"authorization": "Bearer wrong"}).status_code == 401
     # Auth comes first: a bad body without a key is still a 401, and says nothing about the body.
     r = http.post("/v1/images/generations", content=b"{oops", headers={"content-type": "application/json"})
