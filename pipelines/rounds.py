@@ -12,7 +12,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import os
 from typing import Any, Optional
 
@@ -26,6 +25,7 @@ from pipelines.prompts import load_prompts
 from pipelines.store import RunStore
 
 TABLES_KEY, RESULT_KEY = "tables", "result"
+VALIDATION_SEED = 0  # which training prompts form the validation slice (eval.validation_prompts)
 
 
 # ------------------------------------------------------------------ persistence of stage results
@@ -76,16 +76,18 @@ def load_prompt_sets(cfg: Config, store: RunStore) -> tuple[list[dict], list[dic
 
 
 def split_validation(train_rows: list[dict], n: int) -> tuple[list[dict], list[dict]]:
-    """(training prompts, validation slice): the `n` prompts whose ids hash lowest leave the training
-    set (the same slice whatever run.seed or file order, so recipe comparisons share it)."""
+    """(training prompts, validation slice): `n` prompts chosen by `evaluate.select_prompts` with a
+    fixed seed leave the training set (the same slice whatever run.seed or file order, so recipe
+    comparisons share it)."""
+    from pipelines.evaluate import select_prompts
+
     if not n:
         return train_rows, []
     if n >= len(train_rows):
         raise ValueError(f"eval.validation_prompts={n} leaves no training prompts (there are {len(train_rows)})")
-    key = lambda r: hashlib.sha256(str(r["prompt_id"]).encode()).hexdigest()  # noqa: E731
-    val_ids = {r["prompt_id"] for r in sorted(train_rows, key=key)[:n]}
-    return ([r for r in train_rows if r["prompt_id"] not in val_ids],
-            sorted((r for r in train_rows if r["prompt_id"] in val_ids), key=lambda r: str(r["prompt_id"])))
+    val = select_prompts(train_rows, n, seed=VALIDATION_SEED)
+    val_ids = {r["prompt_id"] for r in val}
+    return [r for r in train_rows if r["prompt_id"] not in val_ids], val
 
 
 def write_prompt_report(store: RunStore, report: dict) -> None:
