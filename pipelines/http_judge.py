@@ -22,8 +22,6 @@ Example (a unigap serve of another checkpoint as the judge):
 
 from __future__ import annotations
 
-import base64
-import io
 import math
 import os
 import re
@@ -32,6 +30,7 @@ from typing import Any, Optional
 from PIL import Image
 
 from models.base import PROB_QUESTION
+from serve.client import encode_image  # the PNG -> base64 the HTTP routes take
 
 
 class ExternalJudgeError(RuntimeError):
@@ -88,7 +87,8 @@ class OpenAIHTTPJudge:
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         if not images:
             return []
-        rows = [{"i": i, "prompt": p, "png": _png_b64(im)} for i, (im, p) in enumerate(zip(images, prompts))]
+        rows = [{"i": i, "prompt": p, "png": encode_image(im.convert("RGB"))}
+                for i, (im, p) in enumerate(zip(images, prompts))]
         model = self.model
         config = HttpRequestProcessorConfig(url=self.url, headers=self.headers, concurrency=self.concurrency,
                                             qps=self.qps, max_retries=self.max_retries, batch_size=self.batch_size)
@@ -115,9 +115,3 @@ class OpenAIHTTPJudge:
 
 def _code(v: Optional[bool]) -> int:
     return -1 if v is None else int(v)
-
-
-def _png_b64(image: Image.Image) -> str:
-    buf = io.BytesIO()
-    image.convert("RGB").save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
