@@ -5,8 +5,10 @@ prompts of the shapes world x `--images` samples at the default config's CFG / t
   no-ray     one process, the model's own loop (generate_images + judge, batch as the stage's)
   actors=1   pipelines.stages.generate_table then judge_table with one actor each (configs/shapes.yaml)
   actors=2   the same with two actors each (one per core on a 2-core box)
+  fused      generate_table(judge=True): one pool generating and judging (judge.fused), 1 and 2 actors
 and prints seconds per stage and the ratios (Ray overhead = actors=1 / no-ray; scaling = actors=1 /
-actors=2). The outputs of the three settings are checked to be identical (same tokens, same scores).
+actors=2; fused vs two pools). The outputs of all settings are checked to be identical (same
+tokens, same scores).
 
 Run: OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/bench_stages.py [--prompts 64] [--images 8]
 """
@@ -49,6 +51,9 @@ def main() -> None:
         judged = judge_table(samples, c)
         times[f"actors={actors}"] = (t1 - t0, time.perf_counter() - t1)
         outs[actors] = judged
+        t0 = time.perf_counter()
+        outs[f"fused{actors}"] = generate_table(prompts, c, round_=1, judge=True)
+        times[f"fused, actors={actors}"] = (time.perf_counter() - t0, 0.0)
     ray.shutdown()
     g = cfg.generate
     m = load_model(cfg.model.path)
@@ -72,15 +77,20 @@ def main() -> None:
     same = (outs[1]["image_tokens"].tolist() == outs[2]["image_tokens"].tolist()
             and np.allclose(outs[1]["score"], outs[2]["score"], atol=1e-5)
             and np.concatenate(tokens).tolist() == outs[1]["image_tokens"].tolist()
-            and np.allclose(outs[1]["score"], scores, atol=1e-5))
+            and np.allclose(outs[1]["score"], scores, atol=1e-5)
+            and all(outs[f"fused{a}"]["image_tokens"].tolist() == outs[1]["image_tokens"].tolist()
+                    and np.allclose(outs[f"fused{a}"]["score"], outs[1]["score"], atol=1e-5) for a in (1, 2)))
     n = len(prompts) * args.images
     print(f"{len(prompts)} prompts x {args.images} images = {n} samples; outputs identical across settings: {same}")
     print("\n| setting | generate s | judge s | total s | images/s |")
     print("|---|---:|---:|---:|---:|")
     for k, (a, b) in times.items():
         print(f"| {k} | {a:.1f} | {b:.1f} | {a + b:.1f} | {n / (a + b):.1f} |")
-    one, two, raw = (sum(times[k]) for k in ("actors=1", "actors=2", "no-ray"))
-    print(f"\nRay overhead (actors=1 / no-ray): x{one / raw:.2f}; scaling 1 -> 2 actors: x{one / two:.2f}")
+    one, two, raw, f1, f2 = (sum(times[k]) for k in ("actors=1", "actors=2", "no-ray", "fused, actors=1",
+                                                      "fused, actors=2"))
+    print(f"\nRay overhead (actors=1 / no-ray): x{one / raw:.2f}; scaling 1 -> 2 actors: x{one / two:.2f}; "
+          f"fused vs two pools: x{one / f1:.2f} (1 actor), x{two / f2:.2f} (2 actors); "
+          f"fused 2 actors vs two pools of 1: x{one / f2:.2f}")
 
 
 if __name__ == "__main__":

@@ -115,6 +115,8 @@ class JudgeConfig:
     num_actors: int = _f(1, "Judge actors (Ray Data actor pool size).", ge=1)
     num_cpus_per_actor: float = _f(1.0, "CPUs reserved per judge actor.", ge=0)
     num_gpus_per_actor: float = _f(0.0, "GPUs per judge actor; fractions share a GPU.", ge=0)
+    fused: bool = _f(True, "Judge in the generation actors (one model copy, no second pool; the actor and CPU / "
+                     "GPU settings above are then unused); false = a separate judge pool, e.g. on other GPUs.")
     corrupt: Literal["none", "random", "inverted", "oracle"] = _f(
         "none", "Control arm: replace the judge's scores on purpose: random, inverted (1 - score), or oracle "
         "(the shapes oracle's verdict: the upper bound any own judge can reach).")
@@ -190,6 +192,7 @@ class EvalConfig:
         0, "Training prompts set aside (never trained on; the same ones whatever run.seed) and evaluated each "
         "round like the held-out set: choose recipe settings on eval/val_*, never on held-out (0 = off).", ge=0)
     validation_images: int = _f(8, "Images per validation prompt.", ge=1)
+    num_shards: int = _f(2, "Parallel evaluation tasks, each on a share of the prompts (same rows).", ge=1)
 
 
 @dataclass
@@ -274,11 +277,9 @@ class Config:
 # experiment". run.rounds is here so a finished run can be extended (rounds=3 -> 5) and resumed.
 # Batch sizes stay in: padding changes the numerics of batched forward passes.
 HASH_EXCLUDE: tuple[str, ...] = (
-    "run.name", "run.root", "run.force", "run.rounds", "wandb", "serve", "ray",
-    "generate.num_actors", "generate.num_cpus_per_actor", "judge.num_actors",
-    "judge.num_cpus_per_actor", "train.cpus_per_worker", "train.max_failures",
-    "train.checkpoint_every",
-)
+    "run.name", "run.root", "run.force", "run.rounds", "wandb", "serve", "ray", "generate.num_actors",
+    "generate.num_cpus_per_actor", "judge.num_actors", "judge.num_cpus_per_actor", "judge.fused",
+    "train.cpus_per_worker", "train.max_failures", "train.checkpoint_every", "eval.num_shards")
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
@@ -329,9 +330,8 @@ def derive_seed(run_seed: int, round_: int, stage: str, shard: int = 0) -> int:
 def _check_combinations(cfg: Config) -> None:
     """Reject settings that cannot work together, before any compute (first problem wins)."""
     t, p, r = cfg.train, cfg.pools, cfg.ray
-    gpu_keys = [("generate.num_gpus_per_actor", cfg.generate.num_gpus_per_actor > 0),
-                ("judge.num_gpus_per_actor", cfg.judge.num_gpus_per_actor > 0),
-                ("train.use_gpu", t.use_gpu)]
+    gpu_keys = [("generate.num_gpus_per_actor", cfg.generate.num_gpus_per_actor > 0), ("train.use_gpu", t.use_gpu),
+                ("judge.num_gpus_per_actor", cfg.judge.num_gpus_per_actor > 0)]
     local_cpus = r.num_cpus if r.address is None and r.num_cpus is not None else None
     demands = [("generate.num_actors", cfg.generate.num_actors * cfg.generate.num_cpus_per_actor),
                ("judge.num_actors", cfg.judge.num_actors * cfg.judge.num_cpus_per_actor),

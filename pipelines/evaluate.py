@@ -87,40 +87,79 @@ class EvalResult(NamedTuple):
 
 def evaluate_round(model, judge, prompts: Sequence[dict], eval_cfg, judge_mode: Optional[str] = None,
                    base_verdicts: Optional[pd.DataFrame] = None, *, generate_cfg=None,
-                   base_pairs: Optional[pd.DataFrame] = None) -> EvalResult:
+                   base_pairs: Optional[pd.DataFrame] = None,
+                   generations: Optional[pd.DataFrame] = None) -> EvalResult:
     """Metrics and per-sample rows of `model` on held-out `prompts` (see the module docstring).
 
     base_verdicts / base_pairs (the same thing; give either): round 0's samples or its `.pairs`.
     generate_cfg: a `GenerateConfig` whose cfg_weight / temperature / top_k the eval samples with
     (None = cfg 5.0, temperature 1.0, as shapes/evaluate.py), so eval matches training sampling.
+    generations: the generation rows, already made by `generation_rows` (e.g. in parallel shards);
+    None = make them here.
     """
     if base_verdicts is not None and base_pairs is not None:
         raise ValueError("give base_verdicts or base_pairs, not both")
     base_verdicts = base_pairs if base_verdicts is None else base_verdicts
     prompts = select_prompts(prompts, eval_cfg.num_prompts, eval_cfg.seed)
     mode = judge_mode or model.default_judge_mode
-    gen, gen_images = generate_samples(model, prompts, eval_cfg, generate_cfg)
-    gen = _own_judge(model, gen, gen_images, mode)
-    gen["external_verdict"] = judge.verdicts(gen_images, list(gen["prompt"]))
-    gen["label_source"] = judge.name
+    if generations is None:
+        gen, gen_images = generation_rows(model, judge, prompts, eval_cfg, mode, generate_cfg)
+    else:  # computed in shards (`generation_rows` on parts of `prompts`): the same rows, any shard count
+        gen = generations.sort_values(["prompt_id", "sample_index"], kind="stable").reset_index(drop=True)
+        if set(gen["prompt_id"]) != {r["prompt_id"] for r in prompts}:
+            raise ValueError("generations: not the held-out prompts selected by eval_cfg")
+        gen_images = _LazyImages(gen["png"])
     base_und = _understanding_rows(base_verdicts)
     und, und_images = understanding_pairs(model, eval_cfg, gen, gen_images, base_und, _is_shapes(prompts))
     und = _own_judge(model, und, und_images, mode)
-    samples = pd.concat([gen, und], ignore_index=True)[COLUMNS]
+    extra = [c for c in gen.columns if c not in COLUMNS]  # e.g. second_verdict from the shards (NaN on und rows)
+    samples = pd.concat([gen, und], ignore_index=True)[COLUMNS + extra]
     return EvalResult(round_metrics(samples, base_und, num_images=eval_cfg.num_images), samples)
+
+
+def generation_rows(model, judge, prompts: Sequence[dict], eval_cfg, mode: str, generate_cfg=None
+                    ) -> tuple[pd.DataFrame, list]:
+    """The held-out generation rows of `prompts` (own and external verdicts) and their images. Each
+    row depends on its prompt alone (fixed seeds), so parts of the prompts can run in parallel."""
+    gen, images = generate_samples(model, list(prompts), eval_cfg, generate_cfg)
+    gen = _own_judge(model, gen, images, mode)
+    gen["external_verdict"] = judge.verdicts(images, list(gen["prompt"]))
+    gen["label_source"] = judge.name
+    return gen, images
+
+
+class _LazyImages:
+    """PIL images of a PNG column, decoded on access (only non-shapes prompts need them again)."""
+
+    def __init__(self, pngs):
+        self.pngs = list(pngs)
+
+    def __getitem__(self, i):
+        return _unpng(self.pngs[i])
+
+
+def validation_rows(model, judge, prompts: Sequence[dict], eval_cfg, generate_cfg=None) -> pd.DataFrame:
+    """The validation slice (training-distribution prompts never trained on): `validation_images`
+    generations per prompt with the fixed eval seeds, judged externally. Rows as the held-out
+    generation rows without PNGs (small); any part of the prompts gives the same rows."""
+    cfg = dataclasses.replace(eval_cfg, num_images=eval_cfg.validation_images)
+    gen, images = generate_samples(model, list(prompts), cfg, generate_cfg)
+    gen["external_verdict"] = judge.verdicts(images, list(gen["prompt"]))
+    return gen.drop(columns=["png"])
+
+
+def validation_metrics(rows: pd.DataFrame) -> dict[str, float]:
+    """`eval/val_accuracy` (+ per category, Wilson CIs) of `validation_rows`."""
+    metrics: dict[str, float] = {}
+    add_by_category(metrics, "eval/val_accuracy", list(rows["category"]), rows["external_verdict"].astype(bool))
+    return metrics
 
 
 def evaluate_validation(model, judge, prompts: Sequence[dict], eval_cfg, generate_cfg=None
                         ) -> tuple[pd.DataFrame, dict[str, float]]:
-    """The validation slice (training-distribution prompts never trained on): `validation_images`
-    generations per prompt with the fixed eval seeds, judged externally. Rows as the held-out
-    generation rows (no PNGs: small), metrics `eval/val_accuracy` (+ per category, Wilson CIs)."""
-    cfg = dataclasses.replace(eval_cfg, num_images=eval_cfg.validation_images)
-    gen, images = generate_samples(model, list(prompts), cfg, generate_cfg)
-    gen["external_verdict"] = judge.verdicts(images, list(gen["prompt"]))
-    metrics: dict[str, float] = {}
-    add_by_category(metrics, "eval/val_accuracy", list(gen["category"]), gen["external_verdict"].astype(bool))
-    return gen.drop(columns=["png"]), metrics
+    """(`validation_rows`, `validation_metrics`) in one call."""
+    rows = validation_rows(model, judge, prompts, eval_cfg, generate_cfg)
+    return rows, validation_metrics(rows)
 
 
 def select_prompts(prompts: Sequence[dict], num_prompts: int, seed: int) -> list[dict]:
@@ -359,24 +398,38 @@ def paired_gain(samples: pd.DataFrame, reference: pd.DataFrame, name: str, seed:
             f"eval/{name}/category_mean": float(by_cat.mean()) if len(by_cat) else float("nan")}
 
 
-def second_verdict(samples: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, float]]:
+def second_verdict(samples: pd.DataFrame, images: Optional[list] = None) -> tuple[pd.DataFrame, dict[str, float]]:
     """Shapes world: a second verdict on every generation, built differently from the oracle
-    (`shapes.mask_verdict`). Adds the column `second_verdict` (1.0 / 0.0; NaN on understanding rows)
-    and the metrics `eval/gen_accuracy_second` (+ per category), `eval/verdict_agreement` (second vs
-    external verdict) and `eval/near_threshold` (share of externally accepted generations with an
-    object within a margin of an oracle shape threshold: verdicts a small change could flip)."""
+    (`shapes.mask_verdict`). Adds the columns `second_verdict` (1.0 / 0.0; NaN on understanding rows)
+    and `near_threshold` (1.0 when the external judge accepted the generation and an object lies
+    within a margin of an oracle shape threshold: a verdict a small change could flip; 0.0 when
+    accepted and not; NaN otherwise), and returns `second_verdict_metrics`. Rows are independent:
+    shards of the generations can be checked apart. `images`: the generation rows' images when at
+    hand (else decoded from the PNGs)."""
     from shapes.mask_verdict import mask_check_many, near_threshold
 
     gen = (samples["kind"] == "generation").to_numpy()
-    images = [_unpng(b) for b in samples.loc[gen, "png"]]
+    images = images if images is not None else [_unpng(b) for b in samples.loc[gen, "png"]]
     second = np.asarray(mask_check_many(images, list(samples.loc[gen, "prompt"])), dtype=bool)
     external = samples.loc[gen, "external_verdict"].astype(bool).to_numpy()
-    near = [near_threshold(im) for im, ok in zip(images, external) if ok]
     out = samples.copy()
-    out["second_verdict"] = np.nan
+    out["second_verdict"], out["near_threshold"] = np.nan, np.nan
     out.loc[gen, "second_verdict"] = second.astype(float)
+    out.loc[gen, "near_threshold"] = [float(near_threshold(im)) if ok else np.nan
+                                      for im, ok in zip(images, external)]
+    return out, second_verdict_metrics(out)
+
+
+def second_verdict_metrics(samples: pd.DataFrame) -> dict[str, float]:
+    """`eval/gen_accuracy_second` (+ per category), `eval/verdict_agreement` (second vs external
+    verdict) and `eval/near_threshold` (share of externally accepted generations near an oracle
+    threshold) from the columns `second_verdict` adds."""
+    gen = samples[samples["kind"] == "generation"]
+    second = gen["second_verdict"].astype(bool).to_numpy()
+    external = gen["external_verdict"].astype(bool).to_numpy()
+    near = gen["near_threshold"].dropna()
     metrics: dict[str, float] = {}
-    add_by_category(metrics, "eval/gen_accuracy_second", list(samples.loc[gen, "category"]), second)
+    add_by_category(metrics, "eval/gen_accuracy_second", list(gen["category"]), second)
     add_rate(metrics, "eval/verdict_agreement", rate(int((second == external).sum()), len(second)))
-    add_rate(metrics, "eval/near_threshold", rate(int(sum(near)), len(near)))
-    return out, metrics
+    add_rate(metrics, "eval/near_threshold", rate(int(near.sum()), len(near)))
+    return metrics

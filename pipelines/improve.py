@@ -16,6 +16,7 @@ import shutil
 import tempfile
 from typing import Any, Optional
 
+import pandas as pd
 import pyarrow.fs as pafs
 
 from pipelines.config import Config, derive_seed
@@ -48,12 +49,18 @@ def loss_distribution(cfg: Config) -> dict[str, float]:
     return {"cfg_weight": 1.0, "temperature": 1.0}
 
 
-def _ray_task(cfg: Config, fn, *args):
-    """Run `fn(*args)` as a Ray task with the generation actors' resources (a GPU on a cluster)."""
+def _task(cfg: Config, fn):
+    """`fn` as a Ray remote function with the generation actors' resources (a GPU on a cluster)."""
     import ray
 
-    gpus = cfg.generate.num_gpus_per_actor
-    return ray.get(ray.remote(num_cpus=1, num_gpus=gpus or None, max_retries=1)(fn).remote(*args))
+    return ray.remote(num_cpus=1, num_gpus=cfg.generate.num_gpus_per_actor or None, max_retries=1)(fn)
+
+
+def _ray_task(cfg: Config, fn, *args):
+    """Run `fn(*args)` as one such Ray task and wait for it."""
+    import ray
+
+    return ray.get(_task(cfg, fn).remote(*args))
 
 
 def _ref_logprobs(cfg: Config, adapter: Optional[str], pairs: list[dict]) -> list[dict]:
@@ -92,28 +99,61 @@ def train(ctx, k: int, pooled: dict, adapter: Optional[str]):
 
 
 # ------------------------------------------------------------------ evaluate
-def _evaluate_task(cfg: Config, adapter: Optional[str], heldout: list[dict], base_pairs, validation=()):
+def _load_eval_models(cfg: Config, adapter: Optional[str]):
     from models.loading import load_model
     from pipelines.audit import make_external_judge
-    from pipelines.evaluate import evaluate_round
 
     model = load_model(cfg.model.path, cfg.model.dtype, "cuda" if cfg.generate.num_gpus_per_actor else "cpu",
                        adapter=adapter, judge_mode=cfg.judge.mode)
-    judge = make_external_judge(cfg.audit, dtype=cfg.model.dtype, device=cfg.model.device)
+    return model, make_external_judge(cfg.audit, dtype=cfg.model.dtype, device=cfg.model.device)
+
+
+def _evaluate_shard(cfg: Config, adapter: Optional[str], heldout: list[dict], validation: list[dict]):
+    """One shard of the evaluation: (held-out generation rows, validation rows) of its prompts."""
+    from pipelines.evaluate import generation_rows, second_verdict, validation_rows
+
+    model, judge = _load_eval_models(cfg, adapter)
+    gen, images = generation_rows(model, judge, heldout, cfg.eval, cfg.judge.mode or model.default_judge_mode,
+                                  cfg.generate)  # eval samples as the run does
+    if cfg.audit.backend == "oracle":  # a gain only the oracle sees is not a gain
+        gen, _ = second_verdict(gen, images)
+    val = validation_rows(model, judge, validation, cfg.eval, cfg.generate) if validation else None
+    return gen, val
+
+
+def _evaluate_task(cfg: Config, adapter: Optional[str], heldout: list[dict], base_pairs, generations):
+    """Understanding pairs and all metrics, on the shards' generation rows."""
+    from pipelines.evaluate import EvalResult, evaluate_round, second_verdict_metrics
+
+    model, judge = _load_eval_models(cfg, adapter)
     out = evaluate_round(model, judge, heldout, cfg.eval, cfg.judge.mode or model.default_judge_mode,
-                         generate_cfg=cfg.generate, base_pairs=base_pairs)  # eval samples as the run does
-    val = None
-    if validation:
-        from pipelines.evaluate import EvalResult, evaluate_validation
+                         generate_cfg=cfg.generate, base_pairs=base_pairs, generations=generations)
+    if "second_verdict" in out.samples:
+        out = EvalResult({**out.metrics, **second_verdict_metrics(out.samples)}, out.samples)
+    return out
 
-        val, val_metrics = evaluate_validation(model, judge, validation, cfg.eval, cfg.generate)
-        out = EvalResult({**out.metrics, **val_metrics}, out.samples)
-    if cfg.audit.backend != "oracle":
-        return out, val
-    from pipelines.evaluate import EvalResult, second_verdict
 
-    samples, extra = second_verdict(out.samples)  # a gain only the oracle sees is not a gain
-    return EvalResult({**out.metrics, **extra}, samples), val
+def evaluate_model(cfg: Config, adapter: Optional[str], heldout: list[dict], base_pairs=None, validation=()):
+    """(EvalResult, validation rows or None) of one model, as Ray tasks: the generations in
+    `eval.num_shards` parallel shards of the prompts (each row depends on its prompt alone, so the
+    rows are the same for any shard count), then the understanding pairs and metrics in one task."""
+    import ray
+
+    from pipelines.evaluate import select_prompts
+
+    prompts = select_prompts(heldout, cfg.eval.num_prompts, cfg.eval.seed)
+    n = max(1, min(cfg.eval.num_shards, len(prompts)))
+    shard = _task(cfg, _evaluate_shard)
+    parts = ray.get([shard.remote(cfg, adapter, prompts[i::n], list(validation)[i::n]) for i in range(n)])
+    generations = pd.concat([g for g, _ in parts], ignore_index=True)
+    out = _ray_task(cfg, _evaluate_task, cfg, adapter, prompts, base_pairs, generations)
+    vals = [v for _, v in parts if v is not None and len(v)]
+    if not vals:
+        return out, None
+    from pipelines.evaluate import EvalResult, validation_metrics
+
+    val = pd.concat(vals).sort_values(["prompt_id", "sample_index"], kind="stable").reset_index(drop=True)
+    return EvalResult({**out.metrics, **validation_metrics(val)}, out.samples), val
 
 
 def start_model(store: RunStore, cfg: Config) -> int:
@@ -130,8 +170,7 @@ def evaluate(ctx, k: int, trained: dict):
     start = start_model(ctx.store, ctx.cfg)
     model_round = trained.get("adapter_round") or start
     base = ctx.store.read_table(0, "evaluate", "pairs").to_pandas() if k else None
-    out, val = _ray_task(ctx.cfg, _evaluate_task, ctx.cfg, adapter_path(ctx.store, model_round), ctx.heldout, base,
-                         ctx.validation)
+    out, val = evaluate_model(ctx.cfg, adapter_path(ctx.store, model_round), ctx.heldout, base, ctx.validation)
     metrics = {**out.metrics, **_paired_gains(ctx.store, k, start, out.samples)}
     result = {"metrics": metrics, "model_round": model_round, "samples": out.samples, "pairs": out.pairs}
     if val is not None:

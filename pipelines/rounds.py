@@ -202,12 +202,16 @@ def adapter_path(store: RunStore, k: int) -> Optional[str]:
 
 # ------------------------------------------------------------------ generate / judge / pool
 def generate(cfg: Config, prompts: list[dict], k: int, adapter: Optional[str]):
-    df = stages.generate_table(prompts, cfg, round_=k, adapter=adapter)
-    return df, {"prompts": len(prompts), "rows": len(df), "adapter_round": adapter and os.path.basename(adapter)}
+    """SampleRows; with judge.fused already judged by the generating actors (JudgedRows)."""
+    df = stages.generate_table(prompts, cfg, round_=k, adapter=adapter, judge=cfg.judge.fused)
+    return df, {"prompts": len(prompts), "rows": len(df), "adapter_round": adapter and os.path.basename(adapter),
+                "fused": cfg.judge.fused}
 
 
 def judge(cfg: Config, samples: pd.DataFrame, k: int, adapter: Optional[str]):
-    df = stages.judge_table(samples, cfg, adapter=adapter)
+    """The own judge's verdicts (a judge pool, or the generate stage's when fused), control arms, Nonunified."""
+    fused = "score" in samples.columns  # judged in the generate stage (judge.fused)
+    df = samples.copy() if fused else stages.judge_table(samples, cfg, adapter=adapter)
     if cfg.judge.corrupt != "none":  # control arm: the judge's scores replaced on purpose
         raw = df["score"].copy()
         if cfg.judge.corrupt == "oracle":  # a perfect judge (the upper bound)
@@ -219,7 +223,7 @@ def judge(cfg: Config, samples: pd.DataFrame, k: int, adapter: Optional[str]):
             df = P.corrupt_scores(df, cfg.judge.corrupt, seed=derive_seed(cfg.run.seed, k, "corrupt"))
         df["raw_score"] = raw.values
     ns = P.nonunified_score(df)
-    return df, {"rows": len(df), "invalid": int((~df["valid"]).sum()), "nonunified": ns.overall.rate,
+    return df, {"rows": len(df), "fused": fused, "invalid": int((~df["valid"]).sum()), "nonunified": ns.overall.rate,
                 "corrupt": cfg.judge.corrupt}
 
 

@@ -1,8 +1,10 @@
 """Ray Data stages: generate N images per prompt, then let the same model judge them.
 
-Where it fits: the driver calls `run_generate` and `run_judge` once per round. Each is a
-`Dataset.map_batches` over a callable class holding the model, in an actor pool
-(`compute=ActorPoolStrategy`), with CPUs / GPU fraction / actor count / batch size from the config.
+Where it fits: the driver's generate and judge stages (`pipelines.rounds`) call `generate_table`
+and `judge_table` once per round. Each is a `Dataset.map_batches` over a callable class holding the
+model, in an actor pool (`compute=ActorPoolStrategy`), with CPUs / GPU fraction / actor count / batch
+size from the config. With `judge.fused` (the default) one pool does both: `generate_table(...,
+judge=True)` judges each batch with the actor's own model copy (the same rows as the two pools).
 Rows cross stage boundaries as Parquet in the run store, checked against `pipelines.schemas`.
 
 Determinism: a sample's seed derives from (run seed, round, prompt id, sample index) only
@@ -79,6 +81,10 @@ class GenerateUDF:
         self.gen, self.run_seed, self.round, self.slow_s = gen, run_seed, round_, slow_s
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        return self.generate(batch)[0]
+
+    def generate(self, batch: dict[str, np.ndarray]) -> tuple[dict[str, Any], list]:
+        """(SampleRows columns, their PIL images in row order)."""
         check_batch(batch, "prompt", STAGE_GENERATE)
         ids, prompts, cats = list(batch["prompt_id"]), list(batch["prompt"]), list(batch["category"])
         seeds = [sample_seed(self.run_seed, self.round, pid) for pid in ids]
@@ -87,10 +93,12 @@ class GenerateUDF:
         groups: dict[int, list[int]] = {}  # one model call per distinct N (sample i of a prompt does not depend on N)
         for b, cat in enumerate(cats):
             groups.setdefault(per_cat.get(cat, g["num_images"]), []).append(b)
-        parts = []
+        parts, images = [], []
         for n, rows in groups.items():
             out = self.m.generate_images([prompts[b] for b in rows], num_images=n, seed=[seeds[b] for b in rows],
                                          cfg_weight=g["cfg_weight"], temperature=g["temperature"], top_k=g["top_k"])
+            flat = [im for row in out.images for im in row]
+            images += flat
             parts.append({
                 "prompt_id": np.repeat(np.array([ids[b] for b in rows], dtype=object), n),
                 "prompt": np.repeat(np.array([prompts[b] for b in rows], dtype=object), n),
@@ -99,12 +107,43 @@ class GenerateUDF:
                 "sample_index": np.tile(np.arange(n, dtype=np.int64), len(rows)),
                 "seed": out.seeds.reshape(-1).numpy().astype(np.int64),
                 "image_tokens": out.tokens.reshape(len(rows) * n, -1).numpy().astype(np.int32),  # (B*N, T)
-                "png": np.array([_png(im) for row in out.images for im in row], dtype=object),
+                "png": np.array([_png(im) for im in flat], dtype=object),
                 "node_id": np.array([_node_id()] * (len(rows) * n), dtype=object),  # where it ran (cluster checks)
             })
         if self.slow_s:  # test hook: keep the stage busy long enough to kill an actor mid-stage
             time.sleep(self.slow_s)
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, images
+
+
+def _add_verdicts(m, mode: str, rows: dict[str, Any], images: list, batch_size: int) -> dict[str, Any]:
+    """SampleRows + the model's own verdicts on `images` (score / valid / answer / judge_mode / node)."""
+    score, valid, answer, prompts = [], [], [], list(rows["prompt"])
+    for lo in range(0, len(images), batch_size):
+        v = m.judge(images[lo:lo + batch_size], prompts[lo:lo + batch_size], mode=mode)
+        score += list(v.score)
+        valid += list(v.valid)
+        answer += list(v.answer)
+    out = dict(rows)
+    out["score"] = np.array(score, dtype=np.float64)
+    out["valid"] = np.array(valid, dtype=bool)
+    out["answer"] = np.array(answer, dtype=object)
+    out["judge_mode"] = np.array([mode] * len(images), dtype=object)
+    out["judge_node_id"] = np.array([_node_id()] * len(images), dtype=object)
+    return out
+
+
+class GenerateJudgeUDF(GenerateUDF):
+    """Generate, then judge with the same model copy (judge.fused): one actor pool, one model load,
+    no PNG round trip; the rows equal GenerateUDF followed by JudgeUDF's."""
+
+    def __init__(self, model: dict, gen: dict, run_seed: int, round_: int, adapter: Optional[str] = None,
+                 slow_s: float = 0.0, mode: Optional[str] = None, judge_batch_size: int = 64):
+        super().__init__(model, gen, run_seed, round_, adapter, slow_s)
+        self.mode, self.judge_batch_size = mode or self.m.default_judge_mode, judge_batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        rows, images = self.generate(batch)
+        return _add_verdicts(self.m, self.mode, rows, images, self.judge_batch_size)
 
 
 class JudgeUDF:
@@ -120,14 +159,7 @@ class JudgeUDF:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         check_batch(batch, "sample", STAGE_JUDGE)
         images = [_unpng(b) for b in batch["png"]]
-        verdict = self.m.judge(images, list(batch["prompt"]), mode=self.mode)
-        out = dict(batch)
-        out["score"] = np.array(verdict.score, dtype=np.float64)
-        out["valid"] = np.array(verdict.valid, dtype=bool)
-        out["answer"] = np.array(verdict.answer, dtype=object)
-        out["judge_mode"] = np.array([self.mode] * len(images), dtype=object)
-        out["judge_node_id"] = np.array([_node_id()] * len(images), dtype=object)
-        return out
+        return _add_verdicts(self.m, self.mode, batch, images, max(1, len(images)))
 
 
 def _model_args(cfg: Config) -> dict:
@@ -146,24 +178,27 @@ def _to_frame(ds) -> pd.DataFrame:
 
 
 def generate_table(prompts: list[dict], cfg: Config, round_: int, adapter: Optional[str] = None,
-                   slow_s: float = 0.0) -> pd.DataFrame:
+                   slow_s: float = 0.0, judge: bool = False) -> pd.DataFrame:
     """SampleRows for `prompts` (PromptRows): N per prompt (`generate.num_images`, or
-    `generate.num_images_by_category[category]`), in canonical order."""
+    `generate.num_images_by_category[category]`), in canonical order. judge=True: JudgedRows, the
+    same actors judging their own samples (GenerateJudgeUDF; the rows `judge_table` would give)."""
     import ray
 
     check_table(prompts, "prompt", STAGE_GENERATE)
     g = cfg.generate
     gen = {"num_images": g.num_images, "cfg_weight": g.cfg_weight, "temperature": g.temperature, "top_k": g.top_k,
            "num_images_by_category": dict(g.num_images_by_category)}
+    kwargs = {"model": _model_args(cfg), "gen": gen, "run_seed": cfg.run.seed, "round_": round_,
+              "adapter": adapter, "slow_s": slow_s}
+    if judge:
+        kwargs.update(mode=cfg.judge.mode, judge_batch_size=cfg.judge.batch_size)
     ds = ray.data.from_items(list(prompts)).map_batches(
-        GenerateUDF, batch_size=g.batch_size, batch_format="numpy",
-        fn_constructor_kwargs={"model": _model_args(cfg), "gen": gen, "run_seed": cfg.run.seed,
-                               "round_": round_, "adapter": adapter, "slow_s": slow_s},
-        compute=ray.data.ActorPoolStrategy(size=g.num_actors),
+        GenerateJudgeUDF if judge else GenerateUDF, batch_size=g.batch_size, batch_format="numpy",
+        fn_constructor_kwargs=kwargs, compute=ray.data.ActorPoolStrategy(size=g.num_actors),
         num_cpus=g.num_cpus_per_actor, num_gpus=g.num_gpus_per_actor or None,
     )
     df = _canonical(_to_frame(ds))
-    check_table(df, "sample", STAGE_GENERATE)
+    check_table(df, "judged" if judge else "sample", STAGE_GENERATE)
     expected = sum(g.num_images_by_category.get(p["category"], g.num_images) for p in prompts)
     if len(df) != expected:
         raise RuntimeError(f"stage 'generate': expected {expected} samples, got {len(df)}")

@@ -75,6 +75,19 @@ def test_more_samples_for_named_categories_extend_the_same_streams(reference):
     assert head["seed"].tolist() == samples["seed"].tolist()
 
 
+def test_fused_generate_judge_gives_the_two_pool_rows(reference):
+    """judge.fused: the generating actors judge their own samples; same rows as generate then judge."""
+    cfg, _, judged = reference
+    fused = generate_table(PROMPTS, make_cfg(generate={"num_actors": 2, "num_cpus_per_actor": 0.5, "batch_size": 3},
+                                             judge={"batch_size": 2}), round_=1, judge=True)
+    same = ["prompt_id", "sample_index", "seed", "valid", "judge_mode"]
+    pd.testing.assert_frame_equal(judged[same], fused[same])
+    assert fused["image_tokens"].tolist() == judged["image_tokens"].tolist()
+    assert fused["png"].tolist() == judged["png"].tolist()
+    np.testing.assert_allclose(judged["score"], fused["score"], atol=1e-5)
+    assert set(fused.columns) == set(judged.columns)
+
+
 def test_judge_adds_scores(reference):
     _, samples, judged = reference
     assert len(judged) == len(samples) and judged["valid"].all()
@@ -137,3 +150,30 @@ def test_killed_actor_loses_and_duplicates_nothing(reference, tmp_path):
     assert out["image_tokens"].tolist() == samples["image_tokens"].tolist()
     again = run_stage(store, 1, "generate", lambda: pytest.fail("a finished stage must not recompute"))
     assert again["png"].tolist() == samples["png"].tolist()
+
+
+def test_sharded_evaluation_gives_the_same_rows_and_metrics(ray_session):
+    """eval.num_shards: the held-out generations (and validation rows) made in parallel tasks equal
+    one task's, so the metrics and the paired comparisons do not depend on the shard count."""
+    from pipelines.improve import evaluate_model
+    from pipelines.prompts import load_prompts
+
+    heldout, _ = load_prompts("shapes", split="heldout")
+    train, _ = load_prompts("shapes", split="train", limit=5)
+    runs = {}
+    for shards in (1, 3):
+        cfg = make_cfg(audit={"backend": "oracle", "vlm_path": None}, prompts={"source": "shapes"},
+                       eval={"num_prompts": 7, "num_images": 2, "understanding_pairs": 6, "num_shards": shards,
+                             "validation_images": 2})
+        runs[shards] = evaluate_model(cfg, None, heldout, validation=train)
+    (one, val1), (three, val3) = runs[1], runs[3]
+    gen = one.samples["kind"] == "generation"
+    assert gen.sum() == 14 and one.samples["prompt_id"][gen].nunique() == 7
+    cols = ["kind", "prompt_id", "sample_index", "seed", "png", "own_valid", "external_verdict", "second_verdict"]
+    pd.testing.assert_frame_equal(one.samples[cols], three.samples[cols])
+    np.testing.assert_allclose(one.samples["own_score"], three.samples["own_score"], atol=1e-5)
+    pd.testing.assert_frame_equal(val1, val3)
+    assert len(val1) == 10 and "eval/val_accuracy" in one.metrics
+    for key in ("eval/gen_accuracy", "eval/und_accuracy", "eval/gen_accuracy_second", "eval/verdict_agreement",
+                "eval/val_accuracy", "eval/near_threshold/n"):
+        assert one.metrics[key] == three.metrics[key], key
