@@ -77,7 +77,7 @@ class GenerateUDF:
         from models.loading import load_model
 
         _worker_setup()
-        self.m = load_model(model["path"], model["dtype"], model["device"], adapter=adapter)
+        self.m = load_model(model["path"], model["dtype"], model["device"], adapter=adapter, merge=True)
         self.gen, self.run_seed, self.round, self.slow_s = gen, run_seed, round_, slow_s
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -153,7 +153,7 @@ class JudgeUDF:
         from models.loading import load_model
 
         _worker_setup()
-        self.m = load_model(model["path"], model["dtype"], model["device"], adapter=adapter)
+        self.m = load_model(model["path"], model["dtype"], model["device"], adapter=adapter, merge=True)
         self.mode = mode or self.m.default_judge_mode
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -34,6 +34,21 @@ def test_save_load_gives_identical_outputs(adapter_dir):
     assert torch.equal(merged.generate_images(P, 2, seed=3).tokens, tokens)
 
 
+def test_load_model_merges_an_adapter_with_its_generation_head_copy(tmp_path):
+    # the inference path of the stages: adapter + trained generation-head copy folded into plain weights
+    m = attach_lora(build_tiny(), LoraSpec(r=4, modules_to_save=["generation_head"]))
+    with torch.no_grad():
+        for name, p in m.model.named_parameters():
+            if "lora_B" in name or ("modules_to_save" in name and "generation_head" in name):
+                p.add_(torch.randn_like(p) * 0.5)
+    save_adapter(m, tmp_path)
+    tokens = m.generate_images(P, 2, seed=3).tokens
+    merged = load_model("tiny", adapter=str(tmp_path), merge=True)
+    assert not hasattr(merged.model, "disable_adapter") and not hasattr(merged.model, "peft_config")
+    assert torch.equal(merged.generate_images(P, 2, seed=3).tokens, tokens)
+    assert not torch.equal(load_model("tiny").generate_images(P, 2, seed=3).tokens, tokens)
+
+
 def test_tampered_adapter_is_refused(adapter_dir, tmp_path):
     d, _ = adapter_dir
     for f in d.iterdir():
