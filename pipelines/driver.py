@@ -78,6 +78,7 @@ def run_round(ctx: Ctx, k: int) -> dict:
     metrics = {**evaluated["metrics"], **rounds.round_metrics(k, judged, pooled, trained, decision, ctx.timings)}
     ctx.tracker.log_round(k, metrics)
     ctx.tracker.log_samples(k, evaluated["samples"])
+    ctx.tracker.log_train_curve(k, rounds.train_curve(store, trained))
     if decision["degraded"]:
         ctx.tracker.flag(k, decision["reason"])
     return {"round": k, "start": start, "decision": decision, "metrics": metrics}
@@ -115,7 +116,9 @@ def connect_ray(cfg: Config) -> None:
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    bars = progress_bars()
+    if not bars:
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     address = os.environ.get("RAY_ADDRESS") or cfg.ray.address
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # inside `ray job submit` / a RayJob: the job's
@@ -130,7 +133,12 @@ def connect_ray(cfg: Config) -> None:
         start_reaper()  # the local Ray we started goes with us, even after kill -9
     import ray.data
 
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray.data.DataContext.get_current().enable_progress_bars = bars
+
+
+def progress_bars() -> bool:
+    """Ray Data progress bars only for a person watching: stderr is a terminal and not under CI / pytest."""
+    return sys.stderr.isatty() and not any(os.environ.get(v) for v in ("CI", "PYTEST_CURRENT_TEST"))
 
 
 def _cmd_run(args) -> int:

@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import tempfile
@@ -104,7 +105,7 @@ def _load_eval_models(cfg: Config, adapter: Optional[str]):
     from pipelines.audit import make_external_judge
 
     model = load_model(cfg.model.path, cfg.model.dtype, "cuda" if cfg.generate.num_gpus_per_actor else "cpu",
-                       adapter=adapter, judge_mode=cfg.judge.mode)
+                       adapter=adapter, judge_mode=cfg.judge.mode, merge=True)
     return model, make_external_judge(cfg.audit, dtype=cfg.model.dtype, device=cfg.model.device)
 
 
@@ -215,6 +216,18 @@ def evaluate_base(ctx) -> dict:
             "metrics": evaluated["metrics"]}
 
 
+def train_curve(store: RunStore, trained: dict) -> list[dict]:
+    """The round's per-step training history (`train_metrics.json` beside its adapter; [] when the
+    round trained nothing): step, loss, grad_norm, lr, tokens_per_s per optimizer step."""
+    k = trained.get("adapter_round")
+    if k is None:
+        return []
+    try:
+        return json.loads(store.read_bytes(f"adapters/round_{int(k)}/train_metrics.json"))["history"]
+    except FileNotFoundError:
+        return []
+
+
 # ------------------------------------------------------------------ audit / promote
 def audit(ctx, k: int, evaluated: dict):
     """Compare with the best promoted round by the external metric; flag co-degradation."""
@@ -253,6 +266,11 @@ def round_metrics(k: int, judged, pooled: dict, trained: dict, decision: dict, t
     out = {f"train_set/{name}": int(counts.get(name, 0)) for name in ("accepted", "rejected", "uncertain")}
     out.update({f"train_set/{m}": v for m, v in own.items()})
     out.update(trained.get("metrics", {}))
-    out.update({"audit/degraded": float(decision["degraded"]), "audit/promoted": float(decision["promote"])})
+    seconds = {name: timings.get(f"time/{name}", 0.0) for name in ("generate", "train")}
+    if seconds["generate"] > 0:
+        out["throughput/generate_rows_per_s"] = len(judged) / seconds["generate"]
+    if seconds["train"] > 0 and "train/step" in out:
+        out["throughput/train_steps_per_s"] = out["train/step"] / seconds["train"]
+    out.update({"audit/degraded": float(decision["degraded"]), "audit/promote": float(decision["promote"])})
     out.update(timings)
     return out

@@ -6,14 +6,16 @@ Everything is written through the run store (`RunStore.write_bytes`), so s3:// r
 
 Inputs:
   history: one record per round, oldest first: flat dicts (or nested {"round", "metrics", "audit"})
-    holding `round`, the `eval/...` metrics of `pipelines.evaluate`, the `audit/...` values of
-    `AuditDecision.to_metrics()` plus optionally `audit/reason`, and stage times `time/<stage>`.
+    holding `round`, the `eval/...` metrics of `pipelines.evaluate`, the `audit/...` values
+    (`audit/promote`, `audit/degraded`, ...: `audit.flat_record` of an `AuditDecision`) plus
+    optionally `audit/reason`, and stage times `time/<stage>`.
   grid: None (read round 0's and the best / latest round's `evaluate/samples` table from the store,
     when there) or {round: samples}, e.g. {0: round-0 samples, 3: best-round samples}; each
     samples table is `evaluate_round`'s DataFrame (or a pyarrow Table). Columns of the grid are
     these rounds in ascending order, rows the same held-out prompts (up to `GRID_PROMPTS`, spread
     over categories), the cell shows sample 0 with a green (external judge: correct) or red frame.
-Outputs (in the run dir): report.md, report/metrics.png, report/grid.png.
+Outputs (in the run dir): report.md, report/metrics.png, report/grid.png, report/train.png (the
+rounds' per-step training loss, read from `adapters/round_<k>/train_metrics.json`).
 
 Example:
     >>> import tempfile
@@ -42,6 +44,7 @@ HEADLINE = [("gen_accuracy", "Gen. accuracy (external)"), ("und_accuracy", "Und.
             ("nonunified", "Nonunified"), ("und_win_rate", "Und. win rate")]
 GRID_PROMPTS = 8
 REPORT_MD, METRICS_PNG, GRID_PNG = "report.md", "report/metrics.png", "report/grid.png"
+TRAIN_PNG = "report/train.png"
 
 
 def write_report(store, history: list[dict], grid: Optional[dict] = None) -> str:
@@ -60,6 +63,11 @@ def write_report(store, history: list[dict], grid: Optional[dict] = None) -> str
              "external metric is not below the "
              "best promoted round's; degraded when it fell by more than the tolerance.", "",
              round_table(records), "", f"![metrics per round]({METRICS_PNG})", ""]
+    curves = train_curves(store, records)
+    if curves:
+        store.write_bytes(TRAIN_PNG, train_plot(curves))
+        lines += ["## Training", "", "Loss per optimizer step of each round's LoRA training (mean over workers).",
+                  "", f"![training loss per step]({TRAIN_PNG})", ""]
     if grid_png is not None:
         lines += ["## Before / after (same held-out prompts, same seeds)", "",
                   f"Columns: rounds {', '.join(str(r) for r in sorted(grid))}; frame green = the external "
@@ -102,6 +110,7 @@ def _decision(r: dict) -> tuple[str, str]:
     """(audit decision, co-degradation flag) cells."""
     if "audit/promote" not in r and "audit/degraded" not in r:
         return "—", ""
+    # "audit/promoted": the key of run dirs written before 2026-12-06
     degraded, promoted = bool(r.get("audit/degraded")), bool(r.get("audit/promote", r.get("audit/promoted")))
     text = "degraded" if degraded else "promote" if promoted else "hold"
     delta = r.get("audit/delta")
@@ -161,6 +170,27 @@ def metrics_plot(records: list[dict]) -> bytes:
         ax.axvline(k, color="red", alpha=0.25, linewidth=6)
     ax.set(xlabel="round", ylabel="rate", ylim=(-0.02, 1.02), title="held-out metrics (red band: degraded)")
     ax.set_xticks(rounds or [0])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return _save(fig, plt)
+
+
+def train_curves(store, records: list[dict]) -> dict[int, list[dict]]:
+    """{round: per-step training history} for the rounds in `records` that trained an adapter."""
+    from pipelines.improve import train_curve
+
+    curves = {int(r["round"]): train_curve(store, {"adapter_round": int(r["round"])})
+              for r in records if int(r.get("round", 0)) > 0}
+    return {k: v for k, v in curves.items() if v}
+
+
+def train_plot(curves: dict[int, list[dict]]) -> bytes:
+    """PNG: training loss per step, one line per round."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
+    for k, history in sorted(curves.items()):
+        ax.plot([h["step"] for h in history], [h.get("loss", np.nan) for h in history], label=f"round {k}")
+    ax.set(xlabel="optimizer step", ylabel="loss", title="training loss per step")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     return _save(fig, plt)

@@ -256,7 +256,8 @@ def pool(ctx, k: int, judged: pd.DataFrame, prompts: list[dict]):
 
 
 # ------------------------------------------------------------------ train / evaluate / audit / promote
-from pipelines.improve import audit, evaluate, evaluate_base, promote, round_metrics, start_model, train  # noqa: E402,F401
+from pipelines.improve import (audit, evaluate, evaluate_base, promote, round_metrics, start_model,  # noqa: E402,F401
+                              train, train_curve)
 
 
 def write_report(ctx, history: list[dict]) -> str:

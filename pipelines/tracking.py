@@ -1,8 +1,9 @@
 """Weights & Biases tracking for a self-improvement run: one W&B run per experiment, a step per round.
 
 Where it fits: the driver opens one `Tracker(cfg, run_dir)` per process and calls `log_round`
-after each round's evaluate/audit, `log_samples` with the eval samples, `flag` when the audit
-reports co-degradation, and `finish` at the end (or uses it as a context manager).
+after each round's evaluate/audit, `log_samples` with the eval samples, `log_train_curve` with the
+round's per-step training history, `flag` when the audit reports co-degradation, and `finish` at
+the end (or uses it as a context manager).
 
 Mode: `WANDB_MODE` in the environment wins when set, else `cfg.wandb.mode` (offline by default).
   * offline: nothing touches the network (wandb 0.31 checked with strace: no AF_INET connects;
@@ -51,6 +52,7 @@ MAX_TABLE_ROWS = 256
 _FAMILY_SUFFIX = re.compile(r"[-_.](seed|rep|r|s)?\d+$")
 TABLE_COLUMNS = ["round", "kind", "prompt_id", "prompt", "category", "sample_index", "image",
                  "own_score", "external_verdict", "pool"]
+CURVE_COLUMNS = ("round", "step", "loss", "grad_norm", "lr", "tokens_per_s")
 
 
 def resolve_mode(cfg: Config) -> str:
@@ -136,6 +138,19 @@ class Tracker:
                            int(row["sample_index"]), wandb.Image(_image(row["png"])),
                            float(row["own_score"]), _bool(row["external_verdict"]), str(row["pool"]))
         self.run.log({key: table}, step=int(round_))
+
+    def log_train_curve(self, round_: int, history: list[dict]) -> None:
+        """The round's per-step training curve (loss, grad-norm, lr, tokens/s per worker) as a table
+        `train/steps` and a line chart `train/loss_curve`, at step = round (the run's step axis)."""
+        if not self.enabled or not history:
+            return
+        import wandb
+
+        table = wandb.Table(columns=list(CURVE_COLUMNS),
+                            data=[[round_] + [float(h.get(c, float("nan"))) for c in CURVE_COLUMNS[1:]]
+                                  for h in history])
+        chart = wandb.plot.line(table, "step", "loss", title=f"round {round_}: training loss per step")
+        self.run.log({"train/steps": table, "train/loss_curve": chart}, step=int(round_))
 
     def flag(self, round_: int, text: str) -> None:
         """Co-degradation (or any audit warning): a metric + summary text, and an alert when online."""

@@ -75,6 +75,17 @@ def test_two_rounds_end_to_end(finished):
     assert (run_dir / "report.md").is_file()
     assert "[round 1] generate" in r.stdout and "[round 2] promote" in r.stdout
     assert list((run_dir / "wandb").glob("**/offline-run-*")), "W&B offline run missing"
+    # per-step training curves: a table per trained round in the offline W&B run, and the report's plot
+    trained = [k for k in (1, 2) if (run_dir / "adapters" / f"round_{k}" / "train_metrics.json").is_file()]
+    assert trained and (run_dir / "report" / "train.png").is_file()
+    for k in trained:
+        history = json.loads((run_dir / "adapters" / f"round_{k}" / "train_metrics.json").read_text())["history"]
+        tables = list((run_dir / "wandb").glob(f"**/files/media/table/train/steps_{k}_*.table.json"))
+        assert len(tables) == 1, tables
+        table = json.loads(tables[0].read_text())
+        assert table["columns"][:3] == ["round", "step", "loss"]
+        assert [row[1] for row in table["data"]] == [h["step"] for h in history]
+        assert [row[2] for row in table["data"]] == pytest.approx([h["loss"] for h in history])
     # the validation slice: evaluated every round, paired with the base, never trained on
     import pyarrow.parquet as pq
 

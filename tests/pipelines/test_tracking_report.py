@@ -7,6 +7,7 @@ import io
 import json
 import os
 import socket
+import sys
 
 import numpy as np
 import pandas as pd
@@ -161,3 +162,20 @@ def test_report_without_grid_and_progress_line(tmp_path):
     assert "| 0 | 0.100 |" in round_table([{"round": 0, "eval/gen_accuracy": 0.1}])
     line = progress_line(2, "judge", {"rows": 944, "nonunified": 0.3124, "seconds": 12.34, "x": {"a": 1}})
     assert line == "[round  2] judge     rows=944 · nonunified=0.312 · seconds=12.3"
+
+
+def test_ray_data_progress_bars_only_for_a_terminal_outside_ci(monkeypatch):
+    from pipelines.driver import progress_bars
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.delenv("PYTEST_CURRENT_TEST", raising=False)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert not progress_bars()  # piped to a file / a job log
+    monkeypatch.setattr(sys, "stderr", Tty())
+    assert progress_bars()
+    monkeypatch.setenv("CI", "true")
+    assert not progress_bars()
