@@ -238,18 +238,6 @@ class AuditDecision:
         """For the manifest (JSON-able)."""
         return asdict(self)
 
-    def to_metrics(self) -> dict[str, float]:
-        """Flat numbers for W&B and the round history (`audit/...`)."""
-        return {"audit/promote": float(self.promote), "audit/degraded": float(self.degraded),
-                "audit/co_degraded": float(self.co_degraded), "audit/best_round": float(self.best_round),
-                "audit/value": _nan(self.value), "audit/best_value": _nan(self.best_value),
-                "audit/delta": _nan(self.delta)}
-
-
-def _nan(x: Optional[float]) -> float:
-    return float("nan") if x is None else float(x)
-
-
 def flat_record(record: dict) -> dict:
     """A round record as one flat dict: accepts flat keys or nested {"metrics": ..., "audit": ...}."""
     flat = {k: v for k, v in record.items() if k not in ("metrics", "audit", "decision")}
@@ -275,6 +263,7 @@ def _value(record: dict, metric: str) -> Optional[float]:
 
 def _best(history: list[dict], metric: str) -> tuple[int, Optional[float], dict]:
     """The best promoted round: highest value, latest on ties. Round 0 is always promoted."""
+    # "audit/promoted": the key of run dirs written before 2026-12-06
     promoted = [r for r in history if int(r.get("round", 0)) == 0
                 or bool(r.get("audit/promote", r.get("audit/promoted")))]
     scored = [(v, int(r["round"]), r) for r in promoted if (v := _value(r, metric)) is not None]

@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -362,12 +362,6 @@ def round_metrics(samples: pd.DataFrame, base_und: Optional[pd.DataFrame], num_i
     for cat, r in per_cat.items():
         add_rate(m, f"eval/und_win_rate/{cat}", r)
     return m
-
-
-def metric_summary(metrics: dict[str, Any]) -> dict[str, float]:
-    """The four headline numbers (for progress lines and the manifest)."""
-    names = ("gen_accuracy", "und_accuracy", "nonunified", "und_win_rate")
-    return {n: metrics.get(f"eval/{n}", float("nan")) for n in names}
 
 
 def paired_gain(samples: pd.DataFrame, reference: pd.DataFrame, name: str, seed: int = 0,

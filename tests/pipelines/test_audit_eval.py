@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from pipelines.audit import (AuditDecision, InvertedJudge, OracleJudge, RandomJudge, VLMJudge, audit,
-                             audit_vs_best, make_external_judge)
+                             audit_vs_best, flat_record, make_external_judge)
 from pipelines.config import EvalConfig, load_config
 from pipelines.evaluate import evaluate_round, und_win_rate
 from pipelines.prompts import load_prompts
@@ -82,7 +82,7 @@ def test_co_degradation_needs_the_internal_gap_to_shrink():
     plain = audit(history, _rec(1, 0.40, **{"eval/nonunified": 0.45}), _cfg())
     assert co.degraded and co.co_degraded and "CO-DEGRADATION" in co.reason
     assert plain.degraded and not plain.co_degraded
-    assert co.to_metrics()["audit/co_degraded"] == 1.0 and co.as_dict()["reason"] == co.reason
+    assert flat_record({"audit": co})["audit/co_degraded"] is True and co.as_dict()["reason"] == co.reason
 
 
 def test_win_rate_metric_base_is_neutral_and_no_disagreement_ties():
