@@ -11,6 +11,8 @@ External judges (all answer "does this image show this prompt?" with a bool):
                     same question as our own prob judge (`models.base.PROB_QUESTION`), verdict
                     P(Yes) / (P(Yes) + P(No)) >= 0.5; a Janus checkpoint goes through
                     `models.loading.load_model` and `judge(mode="prob")` instead;
+  * `OpenAIHTTPJudge`, `VLLMJudge` (pipelines/http_judge.py)   the same question through
+                    ray.data.llm: any OpenAI-compatible endpoint, or vLLM engines in the job;
   * `RandomJudge`, `InvertedJudge`   controls for tests (a broken external judge must be caught).
 
 Decision rule (`audit`, a pure function): the candidate's external metric (`eval/<metric>`) is
@@ -198,8 +200,8 @@ def _yes_no_ids(tokenizer) -> tuple[list[int], list[int]]:
 
 
 def make_external_judge(audit_cfg, dtype: str = "float32", device: str = "auto") -> ExternalJudge:
-    """The external judge named by `cfg.audit`: oracle, a VLM at `audit.vlm_path`, or an
-    OpenAI-compatible endpoint at `audit.http_url` (pipelines/http_judge.py)."""
+    """The external judge named by `cfg.audit`: oracle, a VLM at `audit.vlm_path` (in process, or in
+    vLLM engines), or an OpenAI-compatible endpoint at `audit.http_url` (pipelines/http_judge.py)."""
     if audit_cfg.backend == "oracle":
         return OracleJudge()
     if audit_cfg.backend == "vlm":
@@ -211,6 +213,11 @@ def make_external_judge(audit_cfg, dtype: str = "float32", device: str = "auto")
 
         return OpenAIHTTPJudge(audit_cfg.http_url, audit_cfg.http_model, audit_cfg.http_api_key_env,
                                audit_cfg.http_concurrency, audit_cfg.http_qps, audit_cfg.http_max_retries)
+    if audit_cfg.backend == "vllm":
+        from pipelines.http_judge import VLLMJudge
+
+        return VLLMJudge(audit_cfg.vlm_path, audit_cfg.vllm_replicas, audit_cfg.vllm_tensor_parallel_size,
+                         audit_cfg.vllm_max_model_len, audit_cfg.vllm_accelerator)
     raise ValueError(f"unknown audit backend {audit_cfg.backend!r}")
 
 

@@ -80,9 +80,8 @@ class PromptsConfig:
     source: str = _f("shapes", "'shapes' (built-in world) or a .jsonl/.csv/.parquet with `prompt`.")
     split: Literal["train", "heldout", "all"] = _f("train", "Which prompts to train on.")
     limit: Optional[int] = _f(None, "Keep at most this many prompts (after filtering).", ge=1)
-    per_round: Optional[int] = _f(
-        None, "Prompts per round, a rotating slice of the prompt list (None = all, every round); "
-        "the curriculum replays earlier rounds' discard pools on top.", ge=1)
+    per_round: Optional[int] = _f(None, "Prompts per round, a rotating slice of the prompt list (None = all, every "
+                                  "round); the curriculum replays earlier rounds' discard pools on top.", ge=1)
     shuffle: bool = _f(True, "Shuffle the training prompts once, seeded by run.seed, before rounds slice them.")
     max_prompt_tokens: int = _f(64, "Prompts longer than this (in tokens) are skipped.", ge=1)
     extra_sources: list[str] = _f([], "More prompt files, e.g. the serve contradiction log.")
@@ -94,9 +93,8 @@ class PromptsConfig:
 @dataclass
 class GenerateConfig:
     num_images: int = _f(8, "N images sampled per prompt.", ge=1)
-    num_images_by_category: dict[str, int] = _f(
-        {}, "N per prompt for the named categories (e.g. more samples where the model is rarely right); "
-        "others use num_images.", ge=1)
+    num_images_by_category: dict[str, int] = _f({}, "N per prompt for the named categories (e.g. more samples where "
+                                                "the model is rarely right); others use num_images.", ge=1)
     cfg_weight: float = _f(5.0, "Classifier-free guidance weight; 1.0 = no guidance.", ge=1.0, le=20.0)
     temperature: float = _f(1.0, "Sampling temperature of the image tokens.", gt=0)
     top_k: Optional[int] = _f(None, "Sample only among the k most likely tokens (None = all).", ge=1)
@@ -126,9 +124,8 @@ class JudgeConfig:
 class PoolsConfig:
     accept_threshold: float = _f(0.6, "score >= this -> accepted (checked before rejected).", ge=0, le=1)
     reject_threshold: float = _f(0.4, "score <= this -> rejected; in between -> uncertain.", ge=0, le=1)
-    sft_select: Literal["all", "best_of_n"] = _f(
-        "all", "SFT rows: all accepted samples, or per prompt the top-scored accepted one plus any above "
-        "best_of_n_keep_above.")
+    sft_select: Literal["all", "best_of_n"] = _f("all", "SFT rows: all accepted samples, or per prompt the top-scored "
+                                                 "accepted one plus any above best_of_n_keep_above.")
     best_of_n_keep_above: float = _f(0.9, "best_of_n also keeps accepted samples scoring above this.", ge=0, le=1)
     category_cap: Optional[float] = _f(
         None, "Most share of the SFT rows one category may take (the top-scored are kept); None = no cap.", gt=0, le=1)
@@ -138,8 +135,8 @@ class PoolsConfig:
 
 @dataclass
 class PairsConfig:
-    strategy: Literal["best_worst", "all"] = _f(
-        "best_worst", "best_worst: top accepted vs bottom rejected; all: every accepted x rejected.")
+    strategy: Literal["best_worst", "all"] = _f("best_worst", "best_worst: top accepted vs bottom rejected; "
+                                                "all: every accepted x rejected.")
     margin: float = _f(0.0, "Minimum chosen - rejected score gap for a pair.", ge=0, le=1)
     max_pairs_per_prompt: int = _f(4, "Cap on pairs per prompt (seeded sample when over).", ge=0)
 
@@ -156,9 +153,8 @@ class TrainConfig:
         "guided", "Distribution the SFT/DPO log-probs (policy and reference) are taken on: guided = CFG at "
         "generate.cfg_weight and generate.temperature, what sampling, evaluation and the audit use; "
         "conditional = the conditional branch alone.")
-    allow_cfg_mismatch: bool = _f(
-        False, "Allow logprob_branch=conditional while generate.cfg_weight != 1 (trains another "
-        "distribution than the one sampled; measured to degrade the shapes model).")
+    allow_cfg_mismatch: bool = _f(False, "Allow logprob_branch=conditional while generate.cfg_weight != 1 (trains "
+                                  "another distribution than the one sampled; measured to degrade the shapes model).")
     epochs: int = _f(3, "Passes over the round's training set.", ge=1)
     steps: Optional[int] = _f(None, "Cap on optimizer steps per round (None = epochs decide).", ge=1)
     batch_size: int = _f(16, "Rows per worker per micro-batch.", ge=1)
@@ -197,26 +193,30 @@ class EvalConfig:
 
 @dataclass
 class AuditConfig:
-    backend: Literal["oracle", "vlm", "openai_http"] = _f("oracle", "External judge: oracle, VLM, or OpenAI endpoint.")
-    vlm_path: Optional[str] = _f(None, "External VLM checkpoint (backend=vlm).")
+    backend: Literal["oracle", "vlm", "openai_http", "vllm"] = _f(
+        "oracle", "External judge: oracle, VLM in process, OpenAI endpoint, or a vLLM engine (ray.data.llm).")
+    vlm_path: Optional[str] = _f(None, "External VLM checkpoint (backend=vlm or vllm).")
+    vllm_replicas: int = _f(1, "vLLM engine replicas (backend=vllm; each on its own GPU(s)).", ge=1)
+    vllm_tensor_parallel_size: int = _f(1, "GPUs per vLLM engine (tensor parallel).", ge=1)
+    vllm_max_model_len: int = _f(8192, "vLLM context length (image + question tokens).", ge=256)
+    vllm_accelerator: Optional[str] = _f(None, "GPU type for the vLLM engines, e.g. H100 (None = any GPU).")
     http_url: Optional[str] = _f(None, "Chat-completions URL of the judge endpoint (backend=openai_http).")
     http_model: str = _f("unigap", "Model name sent to the judge endpoint.")
     http_api_key_env: Optional[str] = _f(None, "Env var with the endpoint's API key (None = no auth).")
     http_concurrency: int = _f(1, "Concurrent request workers (ray.data.llm).", ge=1)
     http_qps: Optional[int] = _f(None, "Requests per second cap (None = none).", ge=1)
     http_max_retries: int = _f(2, "Retries of a failed request (429/5xx, connection errors).", ge=0)
-    metric: Literal["gen_accuracy", "und_win_rate"] = _f(
-        "gen_accuracy", "External metric that must not get worse.")
+    metric: Literal["gen_accuracy", "und_win_rate"] = _f("gen_accuracy", "External metric that must not get worse.")
     tolerance: float = _f(0.02, "Allowed drop of `metric` before a round counts as degraded.", ge=0)
     continue_from: Literal["best", "last_kept"] = _f(
         "last_kept", "The model the next round improves: the best promoted round, or the last round that was "
         "not degraded (a round held within tolerance stays in the chain, so gains smaller than the "
         "evaluation noise can add up over rounds; a degraded round is always rolled back).")
-    paired_rollback: bool = _f(
-        True, "Also count a round as degraded when its paired held-out gain over the base model (same prompts "
-        "and seeds) has a 95% CI entirely below 0, even within tolerance (gen_accuracy only).")
-    on_degradation: Literal["stop", "continue_from_best"] = _f(
-        "continue_from_best", "stop the run, or roll back to the best adapter and go on.")
+    paired_rollback: bool = _f(True, "Also count a round as degraded when its paired held-out gain over the base "
+                               "model (same prompts and seeds) has a 95% CI entirely below 0, even within "
+                               "tolerance (gen_accuracy only).")
+    on_degradation: Literal["stop", "continue_from_best"] = _f("continue_from_best", "stop the run, or roll back "
+                                                               "to the best adapter and go on.")
 
 
 @dataclass
@@ -345,8 +345,8 @@ def _check_combinations(cfg: Config) -> None:
          f"{cfg.curriculum.start_round} is after the last round (run.rounds={cfg.run.rounds})"),
         ("judge.corrupt", cfg.judge.corrupt == "oracle" and cfg.audit.backend != "oracle",
          "the oracle-judge control needs the shapes world (audit.backend=oracle)"),
-        ("audit.vlm_path", cfg.audit.backend == "vlm" and not cfg.audit.vlm_path,
-         "audit.backend=vlm needs a VLM checkpoint path"),
+        ("audit.vlm_path", cfg.audit.backend in ("vlm", "vllm") and not cfg.audit.vlm_path,
+         f"audit.backend={cfg.audit.backend} needs a VLM checkpoint path"),
         ("audit.http_url", cfg.audit.backend == "openai_http" and not re.match(r"https?://", cfg.audit.http_url or ""),
          "audit.backend=openai_http needs an http(s):// chat-completions URL"),
         ("train.logprob_branch", t.logprob_branch == "conditional" and cfg.generate.cfg_weight != 1.0

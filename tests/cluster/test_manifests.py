@@ -315,3 +315,28 @@ def test_configs_the_manifests_name_exist_and_load(name):
     used += (REPO / "tests" / "cluster" / "test_multinode.py").read_text()
     assert f"configs/{name}" in used
     load_config(REPO / "configs" / name)
+
+
+def test_the_vllm_judge_server_matches_the_config_that_calls_it():
+    from urllib.parse import urlparse
+
+    from pipelines.audit import make_external_judge
+    from pipelines.config import load_config
+
+    docs = list(yaml.safe_load_all((CLUSTER / "judge-vllm.yaml").read_text()))
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    service = next(d for d in docs if d["kind"] == "Service")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    args = container["args"]
+    assert container["command"][:2] == ["/opt/vllm/bin/vllm", "serve"]  # the image's vLLM venv (WITH_VLLM=1)
+    assert container["image"].endswith("-vllm") and int(container["resources"]["limits"]["nvidia.com/gpu"]) == 1
+    assert service["spec"]["selector"] == deployment["spec"]["template"]["metadata"]["labels"]
+    cfg = load_config(REPO / "configs" / "janus_pro_7b_judge_server.yaml")
+    url = urlparse(cfg.audit.http_url)
+    assert cfg.audit.backend == "openai_http" and url.hostname == service["metadata"]["name"]
+    assert url.port == service["spec"]["ports"][0]["port"] == int(args[args.index("--port") + 1])
+    assert cfg.audit.http_model == args[args.index("--served-model-name") + 1]
+    assert container["command"][2] == load_config(REPO / "configs" / "janus_pro_7b.yaml").audit.vlm_path
+    assert make_external_judge(cfg.audit).url == cfg.audit.http_url
+    vllm = load_config(REPO / "configs" / "janus_pro_7b_vllm.yaml")
+    assert make_external_judge(vllm.audit).processor_config().model_source == container["command"][2]
