@@ -1,7 +1,7 @@
 """The run report: a per-round markdown table, a metrics plot and a before/after image grid.
 
 Where it fits: the driver calls `write_report(store, history, grid)` after every round (cheap, so a
-crashed run still has an up-to-date report) and `progress_line` after every stage for the console.
+crashed run still has an up-to-date report); the console's stage lines are `rounds.progress`.
 Everything is written through the run store (`RunStore.write_bytes`), so s3:// run dirs work.
 
 Inputs:
@@ -25,8 +25,6 @@ Example:
     >>> path = write_report(store, [{"round": 0, "eval/gen_accuracy": 0.1}], None)
     >>> path.endswith("report.md")
     True
-    >>> progress_line(1, "judge", {"rows": 944, "seconds": 12.34})
-    '[round  1] judge     rows=944 · seconds=12.3'
 """
 
 from __future__ import annotations
@@ -264,17 +262,3 @@ def _wrap(text: str, width: int = 22) -> str:
         else:
             cur = f"{cur} {w}".strip()
     return "\n".join(lines + [cur])
-
-
-def progress_line(round_: int, stage: str, info: Optional[dict] = None) -> str:
-    """One console line per stage: '[round  2] judge     rows=944 · nonunified=0.312 · seconds=12.3'."""
-    parts = [f"{k}={_short(v)}" for k, v in (info or {}).items() if not isinstance(v, (dict, list, bytes))]
-    return (f"[round {int(round_):>2}] {stage:<9} " + " · ".join(parts)).rstrip()
-
-
-def _short(v: Any) -> str:
-    if isinstance(v, bool) or v is None:
-        return str(v)
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else f"{v:.3g}" if abs(v) < 1 else f"{v:.1f}"
-    return str(v)

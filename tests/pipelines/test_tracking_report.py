@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from pipelines.config import load_config
-from pipelines.report import progress_line, round_table, write_report
+from pipelines.report import round_table, write_report
+from pipelines.rounds import progress
 from pipelines.store import RunStore
 from pipelines.tracking import Tracker, experiment_family, resolve_mode, wandb_run_id
 
@@ -160,8 +161,8 @@ def test_report_without_grid_and_progress_line(tmp_path):
     assert (tmp_path / "demo" / "report" / "metrics.png").is_file()
     assert not (tmp_path / "demo" / "report" / "grid.png").exists()
     assert "| 0 | 0.100 |" in round_table([{"round": 0, "eval/gen_accuracy": 0.1}])
-    line = progress_line(2, "judge", {"rows": 944, "nonunified": 0.3124, "seconds": 12.34, "x": {"a": 1}})
-    assert line == "[round  2] judge     rows=944 · nonunified=0.312 · seconds=12.3"
+    line = progress(2, "judge", {"rows": 944, "nonunified": 0.3124, "seconds": 12.34, "x": {"a": 1}}, resumed=True)
+    assert line == "[round 2] judge     resumed    12.3s  rows=944 nonunified=0.312"
 
 
 def test_ray_data_progress_bars_only_for_a_terminal_outside_ci(monkeypatch):
