@@ -194,16 +194,18 @@ def generate_samples(model, prompts: list[dict], eval_cfg, generate_cfg=None) ->
 
 
 def _own_judge(model, frame: pd.DataFrame, images: list, mode: str) -> pd.DataFrame:
-    """Add own_score / own_valid / own_verdict / judge_mode; batched forwards of JUDGE_BATCH images."""
-    scores, valid = [], []
+    """Add own_score / own_valid / own_answer / own_verdict / judge_mode; batched, JUDGE_BATCH images."""
+    scores, valid, answers = [], [], []
     prompts = list(frame["prompt"])
     for lo in range(0, len(images), JUDGE_BATCH):
         r = model.judge(images[lo:lo + JUDGE_BATCH], prompts[lo:lo + JUDGE_BATCH], mode=mode)
         scores += [float(s) for s in r.score]
         valid += [bool(v) for v in r.valid]
+        answers += [str(a) for a in r.answer]
     frame = frame.copy()
     frame["own_score"] = np.array(scores, dtype=np.float64)
     frame["own_valid"] = valid
+    frame["own_answer"] = answers  # the description in describe_prob mode (UniCycle reads it)
     frame["own_verdict"] = frame["own_score"].fillna(0.0) >= VERDICT_THRESHOLD  # NaN -> "no"
     frame["judge_mode"] = mode
     return frame
@@ -373,7 +375,7 @@ def paired_gain(samples: pd.DataFrame, reference: pd.DataFrame, name: str, seed:
     the two gen_accuracy values), `/ci_low`, `/ci_high` (paired bootstrap over prompts,
     `stats.paired_bootstrap`), `/n` (prompts), `/category_mean` (the mean of per-category gains: every
     category weighs the same, as the understanding pairs do). Unpaired inputs (other seeds) are refused.
-    `verdict`: the column judged (`second_verdict`: the shapes world's second verdict).
+    `verdict`: the column judged (`second_verdict`: the shapes world's second verdict, `pipelines.shapes_checks`).
     """
     cols = ["prompt_id", "sample_index", "seed", "category", verdict]
     a, b = (df.loc[df["kind"] == "generation", cols] for df in (samples, reference))
@@ -390,40 +392,3 @@ def paired_gain(samples: pd.DataFrame, reference: pd.DataFrame, name: str, seed:
     return {f"eval/{name}": d, f"eval/{name}/ci_low": lo, f"eval/{name}/ci_high": hi,
             f"eval/{name}/n": float(len(per_prompt)),
             f"eval/{name}/category_mean": float(by_cat.mean()) if len(by_cat) else float("nan")}
-
-
-def second_verdict(samples: pd.DataFrame, images: Optional[list] = None) -> tuple[pd.DataFrame, dict[str, float]]:
-    """Shapes world: a second verdict on every generation, built differently from the oracle
-    (`shapes.mask_verdict`). Adds the columns `second_verdict` (1.0 / 0.0; NaN on understanding rows)
-    and `near_threshold` (1.0 when the external judge accepted the generation and an object lies
-    within a margin of an oracle shape threshold: a verdict a small change could flip; 0.0 when
-    accepted and not; NaN otherwise), and returns `second_verdict_metrics`. Rows are independent:
-    shards of the generations can be checked apart. `images`: the generation rows' images when at
-    hand (else decoded from the PNGs)."""
-    from shapes.mask_verdict import mask_check_many, near_threshold
-
-    gen = (samples["kind"] == "generation").to_numpy()
-    images = images if images is not None else [_unpng(b) for b in samples.loc[gen, "png"]]
-    second = np.asarray(mask_check_many(images, list(samples.loc[gen, "prompt"])), dtype=bool)
-    external = samples.loc[gen, "external_verdict"].astype(bool).to_numpy()
-    out = samples.copy()
-    out["second_verdict"], out["near_threshold"] = np.nan, np.nan
-    out.loc[gen, "second_verdict"] = second.astype(float)
-    out.loc[gen, "near_threshold"] = [float(near_threshold(im)) if ok else np.nan
-                                      for im, ok in zip(images, external)]
-    return out, second_verdict_metrics(out)
-
-
-def second_verdict_metrics(samples: pd.DataFrame) -> dict[str, float]:
-    """`eval/gen_accuracy_second` (+ per category), `eval/verdict_agreement` (second vs external
-    verdict) and `eval/near_threshold` (share of externally accepted generations near an oracle
-    threshold) from the columns `second_verdict` adds."""
-    gen = samples[samples["kind"] == "generation"]
-    second = gen["second_verdict"].astype(bool).to_numpy()
-    external = gen["external_verdict"].astype(bool).to_numpy()
-    near = gen["near_threshold"].dropna()
-    metrics: dict[str, float] = {}
-    add_by_category(metrics, "eval/gen_accuracy_second", list(gen["category"]), second)
-    add_rate(metrics, "eval/verdict_agreement", rate(int((second == external).sum()), len(second)))
-    add_rate(metrics, "eval/near_threshold", rate(int(near.sum()), len(near)))
-    return metrics

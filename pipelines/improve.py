@@ -111,27 +111,30 @@ def _load_eval_models(cfg: Config, adapter: Optional[str]):
 
 def _evaluate_shard(cfg: Config, adapter: Optional[str], heldout: list[dict], validation: list[dict]):
     """One shard of the evaluation: (held-out generation rows, validation rows) of its prompts."""
-    from pipelines.evaluate import generation_rows, second_verdict, validation_rows
+    from pipelines.evaluate import generation_rows, validation_rows
+    from pipelines.shapes_checks import second_verdict, unicycle
 
     model, judge = _load_eval_models(cfg, adapter)
     gen, images = generation_rows(model, judge, heldout, cfg.eval, cfg.judge.mode or model.default_judge_mode,
                                   cfg.generate)  # eval samples as the run does
-    if cfg.audit.backend == "oracle":  # a gain only the oracle sees is not a gain
+    if cfg.audit.backend == "oracle":  # shapes world: a gain only the oracle sees is not a gain; UniCycle
         gen, _ = second_verdict(gen, images)
+        gen = unicycle(gen, images, model)
     val = validation_rows(model, judge, validation, cfg.eval, cfg.generate) if validation else None
     return gen, val
 
 
 def _evaluate_task(cfg: Config, adapter: Optional[str], heldout: list[dict], base_pairs, generations):
     """Understanding pairs and all metrics, on the shards' generation rows."""
-    from pipelines.evaluate import EvalResult, evaluate_round, second_verdict_metrics
+    from pipelines.evaluate import EvalResult, evaluate_round
+    from pipelines.shapes_checks import second_verdict_metrics, unicycle_metrics
 
     model, judge = _load_eval_models(cfg, adapter)
     out = evaluate_round(model, judge, heldout, cfg.eval, cfg.judge.mode or model.default_judge_mode,
                          generate_cfg=cfg.generate, base_pairs=base_pairs, generations=generations)
-    if "second_verdict" in out.samples:
-        out = EvalResult({**out.metrics, **second_verdict_metrics(out.samples)}, out.samples)
-    return out
+    extra = {**(second_verdict_metrics(out.samples) if "second_verdict" in out.samples else {}),
+             **(unicycle_metrics(out.samples) if "cycle_ok" in out.samples else {})}
+    return EvalResult({**out.metrics, **extra}, out.samples)
 
 
 def evaluate_model(cfg: Config, adapter: Optional[str], heldout: list[dict], base_pairs=None, validation=()):

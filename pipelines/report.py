@@ -39,7 +39,8 @@ import pandas as pd
 from pipelines.audit import flat_record
 
 HEADLINE = [("gen_accuracy", "Gen. accuracy (external)"), ("und_accuracy", "Und. accuracy"),
-            ("nonunified", "Nonunified"), ("und_win_rate", "Und. win rate")]
+            ("nonunified", "Nonunified"), ("und_win_rate", "Und. win rate"),
+            ("unicycle", "UniCycle (text-image-text)")]
 GRID_PROMPTS = 8
 REPORT_MD, METRICS_PNG, GRID_PNG = "report.md", "report/metrics.png", "report/grid.png"
 TRAIN_PNG = "report/train.png"

@@ -2,7 +2,7 @@
 
 Where it fits: a trained generator can learn to sit just over one of the oracle's thresholds (taper,
 fill) that were validated on clean renders and VQ reconstructions, not on generated blobs. So a
-gain is confirmed by this verdict too (`pipelines.evaluate.second_verdict`), and the share of
+gain is confirmed by this verdict too (`pipelines.shapes_checks.second_verdict`), and the share of
 accepted generations lying near an oracle threshold is reported (`near_threshold`).
 
 How it differs from `shapes.oracle`:

@@ -12,7 +12,7 @@ import importlib
 import pytest
 
 PURE = ["pipelines.stats", "pipelines.config", "pipelines.schemas", "pipelines.pools", "pipelines.store",
-        "pipelines.prompts", "pipelines.http_judge", "pipelines.audit", "pipelines.review",
+        "pipelines.prompts", "pipelines.http_judge", "pipelines.audit", "pipelines.review", "pipelines.shapes_checks",
         "serve.validation"]
 
 

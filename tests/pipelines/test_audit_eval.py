@@ -276,7 +276,8 @@ def test_paired_gain_of_an_evaluation_against_itself_and_an_inverted_judge(base_
 
 
 def test_second_verdict_column_and_metrics(base_eval):
-    from pipelines.evaluate import paired_gain, second_verdict
+    from pipelines.evaluate import paired_gain
+    from pipelines.shapes_checks import second_verdict
 
     samples, metrics = second_verdict(base_eval[1])
     gen = samples["kind"] == "generation"

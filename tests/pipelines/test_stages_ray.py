@@ -169,11 +169,13 @@ def test_sharded_evaluation_gives_the_same_rows_and_metrics(ray_session):
     (one, val1), (three, val3) = runs[1], runs[3]
     gen = one.samples["kind"] == "generation"
     assert gen.sum() == 14 and one.samples["prompt_id"][gen].nunique() == 7
-    cols = ["kind", "prompt_id", "sample_index", "seed", "png", "own_valid", "external_verdict", "second_verdict"]
+    cols = ["kind", "prompt_id", "sample_index", "seed", "png", "own_valid", "external_verdict", "second_verdict",
+            "own_answer", "cycle_ok", "cycle_failure", "caption_faithful"]
     pd.testing.assert_frame_equal(one.samples[cols], three.samples[cols])
     np.testing.assert_allclose(one.samples["own_score"], three.samples["own_score"], atol=1e-5)
     pd.testing.assert_frame_equal(val1, val3)
     assert len(val1) == 10 and "eval/val_accuracy" in one.metrics
     for key in ("eval/gen_accuracy", "eval/und_accuracy", "eval/gen_accuracy_second", "eval/verdict_agreement",
-                "eval/val_accuracy", "eval/near_threshold/n"):
+                "eval/val_accuracy", "eval/near_threshold/n", "eval/unicycle", "eval/unicycle/understood_wrong",
+                "eval/caption_faithful/n"):
         assert one.metrics[key] == three.metrics[key], key
