@@ -7,15 +7,23 @@ verdict, understanding, Nonunified, Und. win rate, audit decision) and one PNG w
 curve and its 95% CI. It reads only what the driver stored (manifest metrics), so it works offline
 and on any run store (local, s3://, gs://). W&B groups the same runs online (`wandb.group`).
 
+`--arm NAME=DIR,DIR...` (repeated) pools each arm's runs instead: per held-out prompt the mean of
+the arm's last rounds, against the shared base model and against each other arm, paired bootstrap
+CIs over prompts, by the oracle and by the second verdict (`pooled`).
+
 Example:
     $ unigap compare runs/own-s0 runs/oracle-s0 runs/random-s0 --out runs/compare.md
+    $ unigap compare --arm own=runs/own-s0,runs/own-s1,runs/own-s2 --arm random=runs/random-s0
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 GAIN = "gen_gain_vs_base"
 
@@ -117,6 +125,47 @@ def gain_plot(runs: list[list[dict]]) -> bytes:
     return _save(fig, plt)
 
 
+def per_prompt(run_dir: str, round_: Optional[int] = None, verdict: str = "external_verdict") -> "pd.Series":
+    """Held-out accuracy per prompt (mean of `verdict` over its images) at `round_` (None = the run's
+    last evaluated round), indexed by prompt_id."""
+    from pipelines.store import RunStore
+
+    root, name = os.path.split(run_dir.rstrip("/"))
+    store = RunStore(root or ".", name)
+    if round_ is None:
+        round_ = max(int(k) for k in store.manifest()["rounds"] if store.stage_info(int(k), "evaluate"))
+    samples = store.read_table(round_, "evaluate", "samples").to_pandas()
+    gen = samples[samples["kind"] == "generation"]
+    return gen.groupby("prompt_id")[verdict].apply(lambda v: v.astype(float).mean())
+
+
+def pooled(arms: dict[str, list[str]], verdict: str = "external_verdict", seed: int = 0) -> str:
+    """Each arm's runs pooled at their last rounds (per prompt: the mean over the arm's runs) against
+    the base model (round 0 of the first run; every run shares it), and every pair of arms against
+    each other: differences in points with a paired bootstrap 95% CI over the held-out prompts."""
+    import itertools
+
+    import pandas as pd
+
+    from pipelines.stats import paired_bootstrap
+
+    first = next(iter(arms.values()))[0]
+    base = per_prompt(first, 0, verdict)
+    means = {arm: pd.concat([per_prompt(d, None, verdict) for d in dirs], axis=1).mean(axis=1)
+             for arm, dirs in arms.items()}
+    lines = []
+    for arm, m in means.items():
+        common = m.index.intersection(base.index)
+        d, lo, hi = paired_bootstrap(m[common], base[common], seed=seed)
+        lines.append(f"{arm:<10} {verdict:<17} runs={len(arms[arm])}: {100 * d:+.1f} [{100 * lo:+.1f}, "
+                     f"{100 * hi:+.1f}] points vs base ({len(common)} prompts)")
+    for a, b in itertools.combinations(means, 2):
+        common = means[a].index.intersection(means[b].index)
+        d, lo, hi = paired_bootstrap(means[a][common], means[b][common], seed=seed)
+        lines.append(f"{a} - {b} ({verdict}): {100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] points")
+    return "\n".join(lines)
+
+
 def compare(run_dirs: list[str], out: str) -> str:
     """Write `out` (markdown) and `<out stem>.png`; returns the markdown."""
     runs = [load_run(d) for d in run_dirs]
@@ -131,12 +180,27 @@ def compare(run_dirs: list[str], out: str) -> str:
 
 
 def _cmd(args) -> int:
+    if args.arm:
+        arms: dict[str, list[str]] = {}
+        for spec in args.arm:
+            name, _, dirs = spec.partition("=")
+            if not name or not dirs:
+                raise SystemExit(f"--arm wants NAME=RUN_DIR[,RUN_DIR...], got {spec!r}")
+            arms.setdefault(name, []).extend(d for d in dirs.split(",") if d)
+        for verdict in ("external_verdict", "second_verdict"):
+            print(pooled(arms, verdict))
+        return 0
+    if not args.runs:
+        raise SystemExit("unigap compare: give run dirs, or --arm NAME=RUN_DIR[,RUN_DIR...]")
     print(compare(args.runs, args.out))
     return 0
 
 
 def add_cli(sub) -> None:
     p = sub.add_parser("compare", help="compare finished runs: experiment table + gain curves (markdown, PNG)")
-    p.add_argument("runs", nargs="+", help="run dirs, e.g. runs/own-s0 runs/oracle-s0")
+    p.add_argument("runs", nargs="*", help="run dirs, e.g. runs/own-s0 runs/oracle-s0")
+    p.add_argument("--arm", action="append", default=[],
+                   help="NAME=RUN_DIR[,RUN_DIR...]: pool an arm's runs (seeds) at their last rounds and print "
+                        "paired gains vs base and between arms, by both verdicts (repeat per arm)")
     p.add_argument("--out", default="compare.md", help="markdown file to write (a PNG is written beside it)")
     p.set_defaults(func=_cmd)

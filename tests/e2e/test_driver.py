@@ -115,6 +115,16 @@ def test_compare_tables_the_finished_run_with_paired_gains(finished, tmp_path):
         assert m["eval/gen_gain_vs_base/ci_low"] <= gain <= m["eval/gen_gain_vs_base/ci_high"]
         assert f"| two | {k} | " in text and f"{100 * gain:+.1f} [" in text
     assert (tmp_path / "cmp.png").read_bytes()[:4] == b"\x89PNG"
+    # pooled arms: one run pooled with itself is its own last-round gain; two identical arms differ by 0
+    pooled = unigap("compare", "--arm", f"a={run_dir},{run_dir}", "--arm", f"b={run_dir}", timeout=300)
+    assert pooled.returncode == 0, pooled.stderr[-3000:]
+    last = manifest["rounds"]["2"]["stages"]["evaluate"]["info"]["result"]["metrics"]["eval/gen_gain_vs_base"]
+    lines = pooled.stdout.splitlines()
+    assert any(line.startswith("a ") and "external_verdict" in line and f"runs=2: {100 * last:+.1f} [" in line
+               for line in lines), lines
+    assert "a - b (external_verdict): +0.0 [+0.0, +0.0] points" in lines and len(lines) == 6
+    bad = unigap("compare", "--arm", "nodirs", timeout=120)
+    assert bad.returncode != 0 and "NAME=RUN_DIR" in bad.stderr
 
 
 def test_resume_after_sigkill_gives_the_same_manifest(finished, tmp_path):
