@@ -78,7 +78,7 @@ def run_round(ctx: Ctx, k: int) -> dict:
     metrics = {**evaluated["metrics"], **rounds.round_metrics(k, judged, pooled, trained, decision, ctx.timings)}
     ctx.tracker.log_round(k, metrics)
     ctx.tracker.log_samples(k, evaluated["samples"])
-    ctx.tracker.log_train_curve(k, rounds.train_curve(store, trained))
+    ctx.tracker.log_train_curve(k, rounds.train_curve(store, trained.get("adapter_round")))
     if decision["degraded"]:
         ctx.tracker.flag(k, decision["reason"])
     return {"round": k, "start": start, "decision": decision, "metrics": metrics}

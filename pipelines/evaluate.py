@@ -63,7 +63,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines.pools import nonunified_score
-from pipelines.stages import _png, _unpng, sample_seed
+from pipelines.stages import _png, _unpng, judge_batched, sample_seed
 from pipelines.stats import Rate, paired_bootstrap, rate
 
 JUDGE_BATCH = 64  # images per own-judge forward: the tiny/shapes models fit 64 at 32 px easily
@@ -155,13 +155,6 @@ def validation_metrics(rows: pd.DataFrame) -> dict[str, float]:
     return metrics
 
 
-def evaluate_validation(model, judge, prompts: Sequence[dict], eval_cfg, generate_cfg=None
-                        ) -> tuple[pd.DataFrame, dict[str, float]]:
-    """(`validation_rows`, `validation_metrics`) in one call."""
-    rows = validation_rows(model, judge, prompts, eval_cfg, generate_cfg)
-    return rows, validation_metrics(rows)
-
-
 def select_prompts(prompts: Sequence[dict], num_prompts: int, seed: int) -> list[dict]:
     """At most `num_prompts` prompts, the same subset every round and whatever the input order."""
     rows = sorted(prompts, key=lambda r: str(r["prompt_id"]))
@@ -195,17 +188,11 @@ def generate_samples(model, prompts: list[dict], eval_cfg, generate_cfg=None) ->
 
 def _own_judge(model, frame: pd.DataFrame, images: list, mode: str) -> pd.DataFrame:
     """Add own_score / own_valid / own_answer / own_verdict / judge_mode; batched, JUDGE_BATCH images."""
-    scores, valid, answers = [], [], []
-    prompts = list(frame["prompt"])
-    for lo in range(0, len(images), JUDGE_BATCH):
-        r = model.judge(images[lo:lo + JUDGE_BATCH], prompts[lo:lo + JUDGE_BATCH], mode=mode)
-        scores += [float(s) for s in r.score]
-        valid += [bool(v) for v in r.valid]
-        answers += [str(a) for a in r.answer]
+    scores, valid, answers = judge_batched(model, images, list(frame["prompt"]), mode, JUDGE_BATCH)
     frame = frame.copy()
     frame["own_score"] = np.array(scores, dtype=np.float64)
-    frame["own_valid"] = valid
-    frame["own_answer"] = answers  # the description in describe_prob mode (UniCycle reads it)
+    frame["own_valid"] = [bool(v) for v in valid]
+    frame["own_answer"] = [str(a) for a in answers]  # the description in describe_prob mode (UniCycle reads it)
     frame["own_verdict"] = frame["own_score"].fillna(0.0) >= VERDICT_THRESHOLD  # NaN -> "no"
     frame["judge_mode"] = mode
     return frame

@@ -90,12 +90,9 @@ class OpenAIHTTPJudge:
         import ray
         from ray.data.llm import HttpRequestProcessorConfig, build_processor
 
-        if len(images) != len(prompts):
-            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-        if not images:
+        rows = _request_rows(images, prompts)
+        if not rows:
             return []
-        rows = [{"i": i, "prompt": p, "png": encode_image(im.convert("RGB"))}
-                for i, (im, p) in enumerate(zip(images, prompts))]
         model = self.model
         config = HttpRequestProcessorConfig(url=self.url, headers=self.headers, concurrency=self.concurrency,
                                             qps=self.qps, max_retries=self.max_retries, batch_size=self.batch_size)
@@ -161,15 +158,12 @@ class VLLMJudge:
         import ray
         from ray.data.llm import build_processor
 
-        if len(images) != len(prompts):
-            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-        if not images:
+        rows = _request_rows(images, prompts)
+        if not rows:
             return []
         if importlib.util.find_spec("vllm") is None:
             raise ExternalJudgeError(f"{self.name}: audit.backend=vllm needs vLLM on the GPU nodes "
                                      "(pip install 'unigap[vllm]'); this environment has none")
-        rows = [{"i": i, "prompt": p, "png": encode_image(im.convert("RGB"))}
-                for i, (im, p) in enumerate(zip(images, prompts))]
         processor = build_processor(
             self.processor_config(),
             preprocess=lambda r: {"i": r["i"], "sampling_params": {"temperature": 0.0, "max_tokens": 4, "logprobs": 2},
@@ -180,6 +174,14 @@ class VLLMJudge:
                                    "raw": str(r.get("generated_text"))[:200]},
         )
         return _collect(self, processor(ray.data.from_items(rows)).take_all(), len(rows))
+
+
+def _request_rows(images: list[Image.Image], prompts: list[str]) -> list[dict]:
+    """One row per (image, prompt): index, prompt and the image as base64 PNG."""
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+    return [{"i": i, "prompt": p, "png": encode_image(im.convert("RGB"))}
+            for i, (im, p) in enumerate(zip(images, prompts))]
 
 
 def _collect(judge, out: list[dict], expected: int) -> list[bool]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import posixpath
 import shutil
 import tempfile
 from typing import Any, Optional
@@ -219,14 +220,14 @@ def evaluate_base(ctx) -> dict:
             "metrics": evaluated["metrics"]}
 
 
-def train_curve(store: RunStore, trained: dict) -> list[dict]:
-    """The round's per-step training history (`train_metrics.json` beside its adapter; [] when the
-    round trained nothing): step, loss, grad_norm, lr, tokens_per_s per optimizer step."""
-    k = trained.get("adapter_round")
-    if k is None:
+def train_curve(store: RunStore, round_: Optional[int]) -> list[dict]:
+    """The per-step training history of the adapter round `round_` (`train_metrics.json` beside the
+    adapter; [] for None or a round that trained nothing): step, loss, grad_norm, lr, tokens_per_s."""
+    if round_ is None:
         return []
     try:
-        return json.loads(store.read_bytes(f"adapters/round_{int(k)}/train_metrics.json"))["history"]
+        with store.fs.open_input_stream(posixpath.join(store.adapter_dir(round_), "train_metrics.json")) as fh:
+            return json.loads(fh.read())["history"]
     except FileNotFoundError:
         return []
 

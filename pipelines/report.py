@@ -178,8 +178,7 @@ def train_curves(store, records: list[dict]) -> dict[int, list[dict]]:
     """{round: per-step training history} for the rounds in `records` that trained an adapter."""
     from pipelines.improve import train_curve
 
-    curves = {int(r["round"]): train_curve(store, {"adapter_round": int(r["round"])})
-              for r in records if int(r.get("round", 0)) > 0}
+    curves = {int(r["round"]): train_curve(store, int(r["round"])) for r in records if int(r.get("round", 0)) > 0}
     return {k: v for k, v in curves.items() if v}
 
 

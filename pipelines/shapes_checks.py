@@ -112,7 +112,8 @@ def unicycle(samples: pd.DataFrame, images: Optional[list] = None, model=None) -
     gen = (samples["kind"] == "generation").to_numpy()
     rows = samples[gen]
     images = images if images is not None else [_unpng(b) for b in rows["png"]]
-    if "own_answer" in rows and (rows.get("judge_mode", pd.Series(["describe_prob"])) == "describe_prob").all():
+    described = "judge_mode" not in rows or (rows["judge_mode"] == "describe_prob").all()
+    if "own_answer" in rows and described:
         texts = list(rows["own_answer"])
     elif model is not None:
         texts = [t for lo in range(0, len(images), DESCRIBE_BATCH)

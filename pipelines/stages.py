@@ -115,14 +115,20 @@ class GenerateUDF:
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, images
 
 
-def _add_verdicts(m, mode: str, rows: dict[str, Any], images: list, batch_size: int) -> dict[str, Any]:
-    """SampleRows + the model's own verdicts on `images` (score / valid / answer / judge_mode / node)."""
-    score, valid, answer, prompts = [], [], [], list(rows["prompt"])
+def judge_batched(m, images: list, prompts: list[str], mode: str, batch_size: int) -> tuple[list, list, list]:
+    """The model's own (score, valid, answer) lists on `images`, `batch_size` images per judge call."""
+    score, valid, answer = [], [], []
     for lo in range(0, len(images), batch_size):
         v = m.judge(images[lo:lo + batch_size], prompts[lo:lo + batch_size], mode=mode)
         score += list(v.score)
         valid += list(v.valid)
         answer += list(v.answer)
+    return score, valid, answer
+
+
+def _add_verdicts(m, mode: str, rows: dict[str, Any], images: list, batch_size: int) -> dict[str, Any]:
+    """SampleRows + the model's own verdicts on `images` (score / valid / answer / judge_mode / node)."""
+    score, valid, answer = judge_batched(m, images, list(rows["prompt"]), mode, batch_size)
     out = dict(rows)
     out["score"] = np.array(score, dtype=np.float64)
     out["valid"] = np.array(valid, dtype=bool)
