@@ -16,6 +16,7 @@ HTTP API (details and status codes: serve/deployment.py; typed client: serve/cli
                                  by the understanding branch; model "unigap" or "round-<k>"
                                  (serve/chat.py; the `openai` client works against it)
     GET  /v1/models              -> the OpenAI model list: "unigap" and "round-<k>" per adapter
+    GET  /openapi.json, /docs    the schema of all of the above, generated from serve/api_models.py
 
 Stable entry points (the RayService manifest in cluster/ and `serve deploy` use these):
     import_path: serve.app:build_app

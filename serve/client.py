@@ -17,62 +17,35 @@ from __future__ import annotations
 
 import base64
 import io
-from dataclasses import dataclass, field, fields
 from typing import Optional, Union
 
 import httpx
 from PIL import Image
+from pydantic import BaseModel, ValidationError
+
+from serve.api_models import (GeneratedImage, GenerationRequest, GenerationResponse, HealthResponse,  # noqa: F401
+                              JudgeRequest, JudgeResponse, ModelList)
+from serve.validation import request_error
 
 
 class UnigapHTTPError(Exception):
-    """The server answered 4xx/5xx. `field` names the offending request field when it is one."""
+    """The request was refused: the server answered 4xx/5xx, or (status 422, before sending) the
+    request failed the same models the server checks with. `field` names the offending request field
+    when it is one."""
 
     def __init__(self, status: int, message: str, field: Optional[str] = None):
         super().__init__(f"HTTP {status}: {message}")
         self.status, self.message, self.field = status, message, field
 
 
-@dataclass
-class GeneratedImage:
-    b64_png: str
-    score: Optional[float]  # own-judge score in [0, 1]; None when the judge's answer was unparseable
-    valid: bool
-    seed: int  # the per-sample seed the model drew this image with
-    index: int  # candidate index: image `index` of (request seed, round) -- reproducible
-
-    def png(self) -> bytes:
-        return base64.b64decode(self.b64_png)
-
-    def image(self) -> Image.Image:
-        return Image.open(io.BytesIO(self.png())).convert("RGB")
-
-
-@dataclass
-class GenerationResponse:
-    id: str
-    round: int
-    seed: int
-    n: int
-    best_of: Optional[int]
-    cfg_weight: float
-    mode: str
-    images: list[GeneratedImage] = field(default_factory=list)
-
-
-@dataclass
-class JudgeResponse:
-    id: str
-    round: int
-    score: Optional[float]
-    answer: str
-    valid: bool
-    mode: str
-
-
-def _known(cls, data: dict) -> dict:
-    # Fields a newer server adds are ignored, so an older client keeps working.
-    names = {f.name for f in fields(cls)}
-    return {k: v for k, v in data.items() if k in names}
+def _request(model: type[BaseModel], **fields) -> dict:
+    """The JSON body for `model`, checked with the server's own models (minus its config limits)."""
+    try:
+        req = model.model_validate({k: v for k, v in fields.items() if v is not None})
+    except ValidationError as e:
+        err = request_error(model, e)
+        raise UnigapHTTPError(err.status, err.message, err.field) from None
+    return req.model_dump(exclude_none=True)
 
 
 def encode_image(image: Union[Image.Image, bytes]) -> str:
@@ -110,19 +83,18 @@ class UnigapClient:
             raise UnigapHTTPError(r.status_code, str(message), fld)
         return r.json()
 
-    def health(self) -> dict:
-        return self._call("GET", "/healthz")
+    def health(self) -> HealthResponse:
+        return HealthResponse.model_validate(self._call("GET", "/healthz"))
+
+    def models(self) -> ModelList:
+        return ModelList.model_validate(self._call("GET", "/v1/models"))
 
     def generate(self, prompt: str, n: int = 1, seed: Optional[int] = None, cfg_weight: Optional[float] = None,
                  best_of: Optional[int] = None, round: Optional[int] = None) -> GenerationResponse:
-        body = {"prompt": prompt, "n": n, "seed": seed, "cfg_weight": cfg_weight, "best_of": best_of,
-                "round": round}
-        data = self._call("POST", "/v1/images/generations", {k: v for k, v in body.items() if v is not None})
-        images = [GeneratedImage(**_known(GeneratedImage, im)) for im in data.pop("images")]
-        return GenerationResponse(**_known(GenerationResponse, data), images=images)
+        body = _request(GenerationRequest, prompt=prompt, n=n, seed=seed, cfg_weight=cfg_weight, best_of=best_of,
+                        round=round)
+        return GenerationResponse.model_validate(self._call("POST", "/v1/images/generations", body))
 
     def judge(self, prompt: str, image: Union[Image.Image, bytes], round: Optional[int] = None) -> JudgeResponse:
-        body = {"prompt": prompt, "image": encode_image(image)}
-        if round is not None:
-            body["round"] = round
-        return JudgeResponse(**_known(JudgeResponse, self._call("POST", "/v1/judge", body)))
+        body = _request(JudgeRequest, prompt=prompt, image=encode_image(image), round=round)
+        return JudgeResponse.model_validate(self._call("POST", "/v1/judge", body))

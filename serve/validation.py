@@ -1,12 +1,14 @@
 """Request checking for the Serve HTTP API: raw body -> typed request, or a 4xx naming the field.
 
-Where it fits: `serve/deployment.py` calls `parse_json_body`, then `parse_generation` or
-`parse_judge`, before anything touches the model; a bad request costs microseconds and can never
-reach `generate_images` (whose own ValueErrors would otherwise surface as 500s).
+Where it fits: `serve/deployment.py` calls `parse_json_body`, then `parse_generation`, `parse_judge`
+or `serve.chat.parse_chat`, before anything touches the model; a bad request costs microseconds and
+can never reach `generate_images` (whose own ValueErrors would otherwise surface as 500s).
 
-Hand-written rather than pydantic: JSON `true` must not count as an integer, `"2"` must not be coerced
-to 2, NaN / Infinity (which Python's json accepts) must be refused, and the limits come from the
-run's `serve:` config at startup. Every problem is a `RequestError(status, message, field)`:
+The field rules are the pydantic models of serve/api_models.py (strict: JSON `true` is not an
+integer, `"2"` is not 2, NaN / Infinity refused, unknown fields refused), validated with the run's
+`serve:` limits as context; this module adds what a model cannot see (content type, body size, JSON
+depth, the image bytes, the routing header) and turns the first problem into one
+`RequestError(status, message, field)`:
     400 malformed JSON, nested too deeply, or empty body
     413 body / image bytes / image pixels too large
     415 Content-Type not application/json
@@ -20,11 +22,13 @@ Example:
     >>> body = parse_json_body("application/json", b'{"prompt": "a red circle", "n": 2}')
     >>> parse_generation(body, limits).n
     2
-    >>> try:
-    ...     parse_generation({"prompt": "a red circle", "n": 9}, limits)
-    ... except RequestError as e:
-    ...     print(e.status, e.field, e.message)
+    >>> for bad in ({"prompt": "a red circle", "n": 9}, {"prompt": "a red circle", "n": "2"}):
+    ...     try:
+    ...         parse_generation(bad, limits)
+    ...     except RequestError as e:
+    ...         print(e.status, e.field, e.message)
     422 n n must be <= 4 (serve.max_n), got 9
+    422 n n should be a valid integer, got '2'
 """
 
 from __future__ import annotations
@@ -33,27 +37,21 @@ import base64
 import binascii
 import io
 import json
-import math
 import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from PIL import Image
+from pydantic import BaseModel, ValidationError
 
-from pipelines.schemas import prompt_text_problem
+from serve.api_models import ERROR_KIND, MAX_ROUND, GenerationRequest, JudgeRequest
 
 MAX_BODY_BYTES = 8 * 1024 * 1024  # a max-size image as base64 (4/3 larger) plus the prompt
 MAX_IMAGE_BYTES = 4 * 1024 * 1024
 MAX_IMAGE_PIXELS = 2048 * 2048  # checked from the header, before decoding (decompression bombs)
-MAX_SEED = 2**63 - 1
-MAX_CFG_WEIGHT = 20.0  # as the config's generate.cfg_weight
-MAX_ROUND = 10**6
 SHOW_CHARS = 40  # of a bad value, quoted in an error message
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 MULTIPLEX_HEADER = "serve_multiplexed_model_id"  # Ray Serve's model-multiplexing routing header
-
-GENERATION_FIELDS = ("prompt", "n", "seed", "cfg_weight", "best_of", "round")
-JUDGE_FIELDS = ("prompt", "image", "round")
 
 
 class RequestError(Exception):
@@ -77,17 +75,9 @@ class Limits:
 
 
 @dataclass
-class GenerationRequest:
-    prompt: str
-    n: int
-    seed: Optional[int]  # None: the server draws one and returns it
-    cfg_weight: Optional[float]  # None: the run's generate.cfg_weight
-    best_of: Optional[int]  # None: exactly n candidates, returned in sampling order
-    round: Optional[int]  # None: the run's promoted `best` round
+class JudgeCall:
+    """A checked POST /v1/judge: the prompt, the decoded image, the requested round."""
 
-
-@dataclass
-class JudgeRequest:
     prompt: str
     image: Image.Image
     round: Optional[int]
@@ -114,35 +104,43 @@ def parse_json_body(content_type: Optional[str], body: bytes) -> dict:
     return data
 
 
+def check(model: type[BaseModel], data: dict, limits: Optional[Limits] = None) -> Any:
+    """`model` validated from `data` with the run's limits, or a 422 RequestError naming the field."""
+    try:
+        return model.model_validate(data, context=limits)
+    except ValidationError as e:
+        raise request_error(model, e) from None
+
+
+def request_error(model: type[BaseModel], exc: ValidationError) -> RequestError:
+    """The first problem of a pydantic ValidationError as a 422 (an unknown field first: a typo is the
+    likelier cause of a 'missing' one); the field is the top-level key."""
+    errors = sorted(exc.errors(include_url=False), key=lambda e: e["type"] != "extra_forbidden")
+    err = errors[0]
+    loc = [str(x) for x in err["loc"]]
+    field = ((err.get("ctx") or {}).get("field") or (loc[0] if loc else "body"))[:SHOW_CHARS]
+    where = ".".join(loc) or "body"
+    if err["type"] == "extra_forbidden":
+        message = f"unknown field {_show(loc[-1])} (allowed: {', '.join(model.model_fields)})"
+    elif err["type"] == "missing":
+        message = f"{where} is required"
+    elif err["type"] == ERROR_KIND:
+        message = err["msg"]
+    else:  # pydantic's "Input should be ..." said of the field, with what was sent
+        message = f"{where} {err['msg'].replace('Input ', '', 1)}, got {_show(err.get('input'))}"
+    return RequestError(422, message, field)
+
+
 def parse_generation(data: dict, limits: Limits, header_round: Optional[str] = None) -> GenerationRequest:
-    """A checked GenerationRequest (fields: see GENERATION_FIELDS), or RequestError."""
-    _check_keys(data, GENERATION_FIELDS)
-    prompt = _prompt(data, limits)
-    n = _int(data, "n", 1, 1, limits.max_n, "serve.max_n")
-    best_of = _int(data, "best_of", None, 1, limits.max_best_of, "serve.max_best_of")
-    if best_of is not None and best_of < n:
-        raise RequestError(422, f"best_of must be >= n ({n}), got {best_of}", "best_of")
-    seed = _int(data, "seed", None, 0, MAX_SEED, "2**63-1")
-    cfg = data.get("cfg_weight")
-    if cfg is not None:
-        if (isinstance(cfg, bool) or not isinstance(cfg, (int, float))
-                or (isinstance(cfg, float) and not math.isfinite(cfg))):
-            raise RequestError(422, f"cfg_weight must be a finite number, got {_show(cfg)}", "cfg_weight")
-        if cfg < 1:  # 1.0 means "no guidance"; below it the guidance pushes away from the prompt
-            raise RequestError(422, f"cfg_weight must be >= 1 (1 = no guidance), got {_show(cfg)}", "cfg_weight")
-        if cfg > MAX_CFG_WEIGHT:  # compared before float(): a 400-digit int must not overflow
-            raise RequestError(422, f"cfg_weight must be <= {MAX_CFG_WEIGHT}, got {_show(cfg)}", "cfg_weight")
-        cfg = float(cfg)
-    return GenerationRequest(prompt, n, seed, cfg, best_of, _round(data, header_round))
+    """A checked GenerationRequest (serve/api_models.py), or RequestError."""
+    req = check(GenerationRequest, data, limits)
+    return req.model_copy(update={"round": _round(req.round, header_round)})
 
 
-def parse_judge(data: dict, limits: Limits, header_round: Optional[str] = None) -> JudgeRequest:
-    """A checked JudgeRequest with the image decoded (fields: see JUDGE_FIELDS), or RequestError."""
-    _check_keys(data, JUDGE_FIELDS)
-    prompt = _prompt(data, limits)
-    if "image" not in data or data["image"] is None:
-        raise RequestError(422, "image is required (a base64-encoded PNG)", "image")
-    return JudgeRequest(prompt, decode_image(data["image"]), _round(data, header_round))
+def parse_judge(data: dict, limits: Limits, header_round: Optional[str] = None) -> JudgeCall:
+    """A checked judge request with the image decoded, or RequestError."""
+    req = check(JudgeRequest, data, limits)
+    return JudgeCall(req.prompt, decode_image(req.image), _round(req.round, header_round))
 
 
 def decode_image(value: Any) -> Image.Image:
@@ -183,47 +181,8 @@ def _show(value: Any, limit: int = SHOW_CHARS) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _check_keys(data: dict, allowed: tuple[str, ...]) -> None:
-    # Unknown fields are refused: a typo ("best-of", "num_images") must not be silently ignored.
-    unknown = sorted(k for k in data if k not in allowed)
-    if unknown:
-        bad = _show(unknown[0])
-        raise RequestError(422, f"unknown field {bad} (allowed: {', '.join(allowed)})", unknown[0][:SHOW_CHARS])
-
-
-def _prompt(data: dict, limits: Limits) -> str:
-    if "prompt" not in data or data["prompt"] is None:
-        raise RequestError(422, "prompt is required", "prompt")
-    prompt = data["prompt"]
-    if not isinstance(prompt, str):
-        raise RequestError(422, f"prompt must be a string, got {type(prompt).__name__}", "prompt")
-    if not prompt.strip():
-        raise RequestError(422, "prompt must not be empty", "prompt")
-    if len(prompt) > limits.max_prompt_chars:
-        raise RequestError(422, f"prompt has {len(prompt)} characters; the limit is "
-                           f"{limits.max_prompt_chars} (serve.max_prompt_chars)", "prompt")
-    problem = prompt_text_problem(prompt)
-    if problem:  # e.g. a lone surrogate the tokenizer cannot encode, or a NUL for the log
-        raise RequestError(422, f"prompt {problem}", "prompt")
-    return prompt.strip()
-
-
-def _int(data: dict, name: str, default: Optional[int], lo: int, hi: int, hi_name: str) -> Optional[int]:
-    value = data.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int):  # bool is an int subclass in Python
-        raise RequestError(422, f"{name} must be an integer, got {_show(value)}", name)
-    if value < lo:
-        raise RequestError(422, f"{name} must be >= {lo}, got {_show(value)}", name)
-    if value > hi:
-        raise RequestError(422, f"{name} must be <= {hi} ({hi_name}), got {_show(value)}", name)
-    return value
-
-
-def _round(data: dict, header: Optional[str]) -> Optional[int]:
+def _round(body_round: Optional[int], header: Optional[str]) -> Optional[int]:
     """The requested round: the body field, else Serve's multiplexing header; they must agree."""
-    body_round = _int(data, "round", None, 0, MAX_ROUND, "10**6")
     if header is None or header == "":
         return body_round
     if not re.fullmatch(r"[0-9]{1,7}", header.strip()) or int(header) > MAX_ROUND:  # ASCII digits only

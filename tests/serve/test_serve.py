@@ -117,7 +117,7 @@ def test_a_corrupt_adapter_fails_only_its_own_requests(server):
             bad.result()
         assert good.result().round == 1
     assert e.value.status == 503 and "round 3 cannot be loaded" in e.value.message
-    assert c.health()["status"] == "ok"
+    assert c.health().status == "ok"
 
 
 def test_judge_route_per_round(server):
@@ -190,10 +190,43 @@ def test_wrong_method_and_unknown_route_are_4xx(server, http):
     assert http.get("/healthz").status_code == 200
 
 
-def test_client_raises_with_the_server_message(server):
-    with pytest.raises(UnigapHTTPError) as e:
+def test_client_raises_with_the_server_message(server, http):
+    # A rule of the shared request model: refused by the client's copy, with the server's own words.
+    with pytest.raises(UnigapHTTPError) as local:
         server["client"].generate(PROMPT, n=2, best_of=1)
-    assert e.value.status == 422 and e.value.field == "best_of" and "best_of" in e.value.message
+    sent = http.post("/v1/images/generations", json={"prompt": PROMPT, "n": 2, "best_of": 1},
+                     headers={"x-api-key": KEY})
+    assert local.value.status == sent.status_code == 422 and local.value.field == sent.json()["field"] == "best_of"
+    assert local.value.message == sent.json()["error"]
+    # A limit of the run's config (serve.max_n) only the server knows: its 422 reaches the caller.
+    with pytest.raises(UnigapHTTPError) as e:
+        server["client"].generate(PROMPT, n=5)
+    assert e.value.status == 422 and e.value.field == "n" and "serve.max_n" in e.value.message
+
+
+def test_the_openapi_page_documents_what_the_routes_check(server, http):
+    from serve.api_models import ChatCompletionRequest, GenerationRequest, JudgeRequest
+
+    spec = http.get("/openapi.json").json()  # open, like /healthz: it holds no secret
+    assert http.get("/docs").status_code == 200
+    paths = spec["paths"]
+    assert set(paths) >= {"/healthz", "/v1/images/generations", "/v1/judge", "/v1/chat/completions", "/v1/models"}
+    for path, model in (("/v1/images/generations", GenerationRequest), ("/v1/judge", JudgeRequest),
+                        ("/v1/chat/completions", ChatCompletionRequest)):
+        body = paths[path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert set(body["properties"]) == set(model.model_fields)
+        assert body["required"] == [k for k, f in model.model_fields.items() if f.is_required()]
+        assert body["additionalProperties"] is False  # unknown fields are refused, and documented so
+        assert "422" in paths[path]["post"]["responses"]
+    gen = paths["/v1/images/generations"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert gen["required"] == ["prompt"]
+    assert gen["properties"]["n"]["minimum"] == 1
+    assert max(b.get("maximum", 0) for b in gen["properties"]["cfg_weight"]["anyOf"]) == 20.0
+    components = spec["components"]["schemas"]
+    assert {"GenerationResponse", "GeneratedImage", "JudgeResponse", "ErrorBody", "ChatCompletion"} <= set(components)
+    # What the schema says is what the server does: a body the schema forbids is refused.
+    r = http.post("/v1/images/generations", json={"prompt": PROMPT, "n": 0}, headers={"x-api-key": KEY})
+    assert r.status_code == 422 and r.json()["field"] == "n"
 
 
 # --------------------------------------------------------------------------- auth
@@ -212,7 +245,7 @@ def test_api_key_is_required_except_for_healthz(server, http):
     with pytest.raises(UnigapHTTPError) as e:
         UnigapClient(server["url"]).generate(PROMPT)
     assert e.value.status == 401
-    assert UnigapClient(server["url"]).health()["status"] == "ok"
+    assert UnigapClient(server["url"]).health().status == "ok"
 
 
 # --------------------------------------------------------------------------- contradiction log
