@@ -59,8 +59,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--judge-mode", default=None, choices=["binary", "prob", "describe_prob"])
     demo.add_argument("--out", default=None, help="folder for the PNGs")
     demo.set_defaults(func=_demo)
+    conf = sub.add_parser("config", help="print the resolved config as YAML (or its JSON schema) and exit")
+    conf.add_argument("config", nargs="?", default=None, help="YAML config (default: all defaults)")
+    conf.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4")
+    conf.add_argument("--schema", action="store_true", help="print the config tree's JSON schema instead")
+    conf.set_defaults(func=_config)
     _add_optional(sub)
     return ap
+
+
+def _config(args: argparse.Namespace) -> int:
+    """`unigap config [FILE] [k=v ...]`: what a run would use, checked (a bad key fails here)."""
+    import json
+
+    from pipelines.config import Config, dump_config, load_config
+
+    if args.schema:
+        print(json.dumps(Config.model_json_schema(), indent=1))
+        return 0
+    print(dump_config(load_config(args.config, args.overrides)), end="")
+    return 0
 
 
 def _add_optional(sub) -> None:

@@ -1,8 +1,8 @@
-"""One typed config tree for the whole project: dataclasses, YAML mirror, dotted CLI overrides.
+"""One typed config tree for the whole project: pydantic v2 models, YAML mirror, dotted CLI overrides.
 
 Where it fits: every entry point (driver, trainer, serve, benchmarks) calls `load_config` once; the
 resolved tree is saved in the run dir (`store.RunStore.init`) and hashed (`config_hash`) so a
-resumed run can tell whether it is "the same experiment". YAML files mirror the dataclasses 1:1;
+resumed run can tell whether it is "the same experiment". YAML files mirror the models 1:1;
 every field has a default, so an empty YAML is a valid config (the shapes run on CPU).
 
 Inputs: an optional YAML path and overrides like `train.beta=0.2` or
@@ -24,17 +24,16 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
-from typing import Any, Literal, Mapping, Optional, Sequence, Union
+from typing import Annotated, Any, Literal, Mapping, Optional, Sequence, Union
 
 import yaml
+from pydantic import BaseModel, Field
 
-from pipelines.typed_config import ConfigError, build, read_yaml, walk
+from pipelines.typed_config import ConfigError, Section, build, read_yaml, walk
 from pipelines.typed_config import doc_field as _f
 from pipelines.typed_config import section_field as _section
 
@@ -47,8 +46,7 @@ __all__ = ["Config", "ConfigError", "load_config", "config_from_dict", "dump_con
 LM_PROJECTIONS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
-@dataclass
-class RunConfig:
+class RunConfig(Section):
     name: str = _f("shapes", "Run directory name under `root`; letters, digits, . _ - only.")
     root: str = _f("runs", "Run store root: local dir, file://, s3:// or gs:// URI.")
     seed: int = _f(0, "Run seed; stage seeds derive from (seed, round, stage, shard).", ge=0)
@@ -56,8 +54,7 @@ class RunConfig:
     force: bool = _f(False, "Reuse a run dir created with a different config (kept, logged).")
 
 
-@dataclass
-class LoraConfig:
+class LoraConfig(Section):
     r: int = _f(16, "LoRA rank.", ge=1)
     alpha: float = _f(32.0, "LoRA scaling numerator (scale = alpha / r).", gt=0)
     dropout: float = _f(0.05, "Dropout on the LoRA input.", ge=0, le=0.9)
@@ -66,8 +63,7 @@ class LoraConfig:
     modules_to_save: list[str] = _f(["generation_head"], "Modules trained in full and saved with the adapter.")
 
 
-@dataclass
-class ModelConfig:
+class ModelConfig(Section):
     path: str = _f("shapes", "Checkpoint dir or hub id; 'shapes' = shipped shapes/checkpoint, 'tiny' = random.")
     kind: Literal["janus"] = _f("janus", "Model family (one file per family in models/).")
     dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "Weight dtype for inference.")
@@ -75,8 +71,7 @@ class ModelConfig:
     lora: LoraConfig = _section(LoraConfig, "LoRA adapter trained each round.")
 
 
-@dataclass
-class PromptsConfig:
+class PromptsConfig(Section):
     source: str = _f("shapes", "'shapes' (built-in world) or a .jsonl/.csv/.parquet with `prompt`.")
     split: Literal["train", "heldout", "all"] = _f("train", "Which prompts to train on.")
     limit: Optional[int] = _f(None, "Keep at most this many prompts (after filtering).", ge=1)
@@ -85,16 +80,16 @@ class PromptsConfig:
     shuffle: bool = _f(True, "Shuffle the training prompts once, seeded by run.seed, before rounds slice them.")
     max_prompt_tokens: int = _f(64, "Prompts longer than this (in tokens) are skipped.", ge=1)
     extra_sources: list[str] = _f([], "More prompt files, e.g. the serve contradiction log.")
-    category_mix: dict[str, float] = _f(
+    category_mix: dict[str, Annotated[float, Field(ge=0)]] = _f(
         {}, "Shares of a round's slice per prompt category (normalised; each category rotates through its own "
-        "prompts; categories not named get none); {} = one slice of the mixed list.", ge=0)
+        "prompts; categories not named get none); {} = one slice of the mixed list.")
 
 
-@dataclass
-class GenerateConfig:
+class GenerateConfig(Section):
     num_images: int = _f(8, "N images sampled per prompt.", ge=1)
-    num_images_by_category: dict[str, int] = _f({}, "N per prompt for the named categories (e.g. more samples where "
-                                                "the model is rarely right); others use num_images.", ge=1)
+    num_images_by_category: dict[str, Annotated[int, Field(ge=1)]] = _f(
+        {}, "N per prompt for the named categories (e.g. more samples where the model is rarely right); others "
+        "use num_images.")
     cfg_weight: float = _f(5.0, "Classifier-free guidance weight; 1.0 = no guidance.", ge=1.0, le=20.0)
     temperature: float = _f(1.0, "Sampling temperature of the image tokens.", gt=0)
     top_k: Optional[int] = _f(None, "Sample only among the k most likely tokens (None = all).", ge=1)
@@ -104,8 +99,7 @@ class GenerateConfig:
     num_gpus_per_actor: float = _f(0.0, "GPUs per generation actor; fractions share a GPU.", ge=0)
 
 
-@dataclass
-class JudgeConfig:
+class JudgeConfig(Section):
     mode: Optional[Literal["binary", "prob", "describe_prob"]] = _f(
         None, "binary: parse 'The score is s'; prob: P(Yes); describe_prob: describe, then P(Yes); "
         "null: the mode the checkpoint was trained for.")
@@ -120,8 +114,7 @@ class JudgeConfig:
         "(the shapes oracle's verdict: the upper bound any own judge can reach).")
 
 
-@dataclass
-class PoolsConfig:
+class PoolsConfig(Section):
     accept_threshold: float = _f(0.6, "score >= this -> accepted (checked before rejected).", ge=0, le=1)
     reject_threshold: float = _f(0.4, "score <= this -> rejected; in between -> uncertain.", ge=0, le=1)
     sft_select: Literal["all", "best_of_n"] = _f("all", "SFT rows: all accepted samples, or per prompt the top-scored "
@@ -133,16 +126,14 @@ class PoolsConfig:
     review_seed: int = _f(0, "Seed of the risk-weighted review sample.", ge=0)
 
 
-@dataclass
-class PairsConfig:
+class PairsConfig(Section):
     strategy: Literal["best_worst", "all"] = _f("best_worst", "best_worst: top accepted vs bottom rejected; "
                                                 "all: every accepted x rejected.")
     margin: float = _f(0.0, "Minimum chosen - rejected score gap for a pair.", ge=0, le=1)
     max_pairs_per_prompt: int = _f(4, "Cap on pairs per prompt (seeded sample when over).", ge=0)
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(Section):
     objective: Literal["sft", "dpo"] = _f("sft", "sft on accepted samples, or dpo on pairs.")
     num_workers: int = _f(1, "Ray Train workers (data-parallel replicas).", ge=1)
     use_gpu: bool = _f(False, "One GPU per train worker.")
@@ -171,15 +162,13 @@ class TrainConfig:
     checkpoint_every: int = _f(0, "Checkpoint every k steps (0 = only at the end).", ge=0)
 
 
-@dataclass
-class CurriculumConfig:
+class CurriculumConfig(Section):
     enabled: bool = _f(False, "Replay discard-pool prompts with the current model (Alg. 2).")
     start_round: int = _f(2, "First round that replays (later works better, per the paper).", ge=1)
     max_replay: Optional[int] = _f(None, "Cap on replayed prompts per round (None = all).", ge=1)
 
 
-@dataclass
-class EvalConfig:
+class EvalConfig(Section):
     num_prompts: int = _f(118, "Held-out prompts evaluated each round.", ge=1)
     num_images: int = _f(8, "Images per held-out prompt.", ge=1)
     understanding_pairs: int = _f(256, "(image, prompt) pairs for the understanding check.", ge=0)
@@ -191,8 +180,7 @@ class EvalConfig:
     num_shards: int = _f(2, "Parallel evaluation tasks, each on a share of the prompts (same rows).", ge=1)
 
 
-@dataclass
-class AuditConfig:
+class AuditConfig(Section):
     backend: Literal["oracle", "vlm", "openai_http", "vllm"] = _f(
         "oracle", "External judge: oracle, VLM in process, OpenAI endpoint, or a vLLM engine (ray.data.llm).")
     vlm_path: Optional[str] = _f(None, "External VLM checkpoint (backend=vlm or vllm).")
@@ -219,8 +207,7 @@ class AuditConfig:
                                                                "to the best adapter and go on.")
 
 
-@dataclass
-class WandbConfig:
+class WandbConfig(Section):
     mode: Literal["offline", "online", "disabled"] = _f("offline", "offline never touches the network.")
     project: str = _f("unigap", "W&B project.")
     group: Optional[str] = _f(None, "W&B group (None = run name).")
@@ -228,8 +215,7 @@ class WandbConfig:
     dir: Optional[str] = _f(None, "W&B dir (None = the run dir when local).")
 
 
-@dataclass
-class ServeConfig:
+class ServeConfig(Section):
     host: str = _f("127.0.0.1", "HTTP bind address.")
     port: int = _f(8000, "HTTP port.", ge=1, le=65535)
     min_replicas: int = _f(1, "Autoscaling lower bound.", ge=0)
@@ -248,15 +234,13 @@ class ServeConfig:
                                    "more queue at the proxy.", ge=1)
 
 
-@dataclass
-class RayConfig:
+class RayConfig(Section):
     address: Optional[str] = _f(None, "Cluster address (None = start a local Ray).")
     num_cpus: Optional[int] = _f(None, "CPUs of the local Ray (None = all).", ge=1)
     object_store_mb: int = _f(512, "Local object store size in MiB.", ge=64)
 
 
-@dataclass
-class Config:
+class Config(Section):
     run: RunConfig = _section(RunConfig, "Run identity and the run store.")
     model: ModelConfig = _section(ModelConfig, "The unified model and its LoRA.")
     prompts: PromptsConfig = _section(PromptsConfig, "Where prompts come from.")
@@ -300,12 +284,12 @@ def config_from_dict(data: Mapping[str, Any], overrides: Sequence[str] = ()) -> 
 
 def dump_config(cfg: Config) -> str:
     """The resolved config as YAML, in field order; `load_config` reads it back to an equal tree."""
-    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False, default_flow_style=False)
+    return yaml.safe_dump(cfg.model_dump(), sort_keys=False, default_flow_style=False)
 
 
 def flatten_config(cfg: Config) -> dict[str, Any]:
     """Dotted key -> value (leaves only), e.g. for W&B config and config diffs."""
-    return {k: v for k, _, v in walk(cfg) if not dataclasses.is_dataclass(v)}
+    return {k: v for k, _, v in walk(cfg) if not isinstance(v, BaseModel)}
 
 
 def config_hash(cfg: Config) -> str:
@@ -318,7 +302,7 @@ def config_hash(cfg: Config) -> str:
 
 def config_docs() -> dict[str, str]:
     """Dotted key -> one-line doc, for `--help` and for checking that every field is documented."""
-    return {k: f.metadata.get("doc", "") for k, f, _ in walk(Config)}
+    return {k: f.description or "" for k, f, _ in walk(Config)}
 
 
 def derive_seed(run_seed: int, round_: int, stage: str, shard: int = 0) -> int:

@@ -55,7 +55,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from typing import NamedTuple, Optional, Sequence
 
@@ -142,7 +141,7 @@ def validation_rows(model, judge, prompts: Sequence[dict], eval_cfg, generate_cf
     """The validation slice (training-distribution prompts never trained on): `validation_images`
     generations per prompt with the fixed eval seeds, judged externally. Rows as the held-out
     generation rows without PNGs (small); any part of the prompts gives the same rows."""
-    cfg = dataclasses.replace(eval_cfg, num_images=eval_cfg.validation_images)
+    cfg = eval_cfg.model_copy(update={"num_images": eval_cfg.validation_images})
     gen, images = generate_samples(model, list(prompts), cfg, generate_cfg)
     gen["external_verdict"] = judge.verdicts(images, list(gen["prompt"]))
     return gen.drop(columns=["png"])

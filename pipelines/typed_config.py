@@ -1,19 +1,19 @@
-"""Typed dataclass trees from YAML + dotted overrides: the generic machinery behind `config.py`.
+"""Typed config trees on pydantic v2, from YAML + dotted overrides: the machinery behind `config.py`.
 
-Where it fits: `pipelines.config` declares unigap's tree (what the fields are); this module knows
-nothing about unigap and only does the mechanics (how a nested dict and `a.b=value` overrides become
-a checked dataclass). Split out so the tree stays readable on its own and each file stays short.
+Where it fits: `pipelines.config` declares unigap's tree (what the fields are) as `Section` models;
+this module knows nothing about unigap and only does the mechanics: how a nested dict and `a.b=value`
+overrides become a checked model, and how pydantic's errors become one `ConfigError` naming the
+dotted key (with "did you mean" for unknown keys).
 
-Fields carry their doc and range in `field(metadata=...)` (use `doc_field` / `section_field`).
-Types understood: int, float (ints accepted; NaN and +-inf refused), bool, str, Literal[str...], list[T],
-dict[str, T] (ranges apply to each value), Optional / unions and nested dataclasses. Every problem is a
-`ConfigError` naming the dotted key.
+Fields carry their doc and range (`doc_field` -> `Field(description=..., ge/gt/le)`); a section is
+a nested model (`section_field`). The rules are pydantic's strict mode plus two YAML conveniences:
+ints are accepted for floats (never bools for numbers), and a float written `3e-4` (which PyYAML
+reads as a string) is read as the float. NaN and +-inf are refused, unknown keys are refused, an
+empty YAML section (`train:`) means all defaults.
 
 Example:
-    >>> from dataclasses import dataclass
-    >>> from pipelines.typed_config import build, doc_field, ConfigError
-    >>> @dataclass
-    ... class Opt:
+    >>> from pipelines.typed_config import Section, build, doc_field, ConfigError
+    >>> class Opt(Section):
     ...     lr: float = doc_field(0.1, "learning rate", gt=0)
     >>> build(Opt, {}, ["lr=3e-4"]).lr
     0.0003
@@ -21,21 +21,21 @@ Example:
     ...     build(Opt, {"lr": -1})
     ... except ConfigError as e:
     ...     print(e)
-    lr: must be > 0, got -1.0
+    lr: must be > 0, got -1
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
-import math
 import os
 import re
 import types
-from dataclasses import field, fields, is_dataclass
-from typing import Any, Iterator, Literal, Mapping, Sequence, Union, get_args, get_origin, get_type_hints
+from typing import Any, Iterator, Literal, Mapping, Sequence, Union, get_args, get_origin
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
 
 
 class ConfigError(ValueError):
@@ -46,22 +46,49 @@ class ConfigError(ValueError):
         self.key = key
 
 
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+class Section(BaseModel):
+    """A config section: strict types, unknown keys refused, no NaN / inf, plain attribute access."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_yaml(cls, data: Any) -> Any:
+        if data is None:  # an empty YAML section (`train:`) means "all defaults"
+            return {}
+        if not isinstance(data, Mapping):
+            return data
+        out = dict(data)
+        for name, f in cls.model_fields.items():
+            value = out.get(name)
+            if isinstance(value, str) and _accepts(f.annotation, float) and _FLOAT_RE.fullmatch(value.strip()):
+                out[name] = float(value)  # PyYAML reads `3e-4` (no dot) as a string
+            if isinstance(value, Mapping) and get_origin(_strip_optional(f.annotation)) is dict:
+                for k in value:
+                    if not isinstance(k, str) or not k:
+                        raise ValueError(f"{name}: keys must be non-empty strings, got {k!r}")
+        return out
+
+
 def doc_field(default: Any, doc: str, *, ge: float | None = None, gt: float | None = None,
               le: float | None = None) -> Any:
-    """A field whose documentation and allowed range sit beside its default (checked at load)."""
-    meta = {"doc": doc, "ge": ge, "gt": gt, "le": le}
+    """A field whose documentation and allowed range sit beside its default (checked at load; for a
+    dict field, put the range on the value type: `dict[str, Annotated[int, Field(ge=1)]]`)."""
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
-    return field(default=default, metadata=meta)
+        return Field(default_factory=lambda: copy.deepcopy(default), description=doc, ge=ge, gt=gt, le=le)
+    return Field(default, description=doc, ge=ge, gt=gt, le=le)
 
 
 def section_field(cls: type, doc: str) -> Any:
-    """A nested section (its own dataclass), defaulting to all of its defaults."""
-    return field(default_factory=cls, metadata={"doc": doc})
+    """A nested section (its own model), defaulting to all of its defaults."""
+    return Field(default_factory=cls, description=doc)
 
 
-def build(root: type, data: Any, overrides: Sequence[str] = ()) -> Any:
-    """Apply `key.sub=yaml-literal` overrides to `data` (a nested dict), then type-check into `root`."""
+def build(root: type[Section], data: Any, overrides: Sequence[str] = ()) -> Any:
+    """Apply `key.sub=yaml-literal` overrides to `data` (a nested dict), then validate into `root`."""
     raw = copy.deepcopy(dict(data)) if isinstance(data, Mapping) else data
     for item in overrides:
         key, sep, text = item.partition("=")
@@ -72,20 +99,25 @@ def build(root: type, data: Any, overrides: Sequence[str] = ()) -> Any:
         if not isinstance(raw, dict):
             raise ConfigError("<root>", f"expected a mapping, got {type(raw).__name__}")
         _set_dotted(raw, key, value)
-    return _build(root, raw, "", root)
+    if not isinstance(raw, Mapping):
+        raise ConfigError("<root>", f"expected a mapping, got {type(raw).__name__}")
+    try:
+        return root.model_validate(raw)
+    except ValidationError as e:
+        raise _config_error(root, e) from None
 
 
-def walk(root: Any, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
-    """(dotted key, dataclass field, value or annotation) for every field, sections included.
+def walk(root: Any, prefix: str = "") -> Iterator[tuple[str, FieldInfo, Any]]:
+    """(dotted key, pydantic field, value or annotation) for every field, sections included.
 
-    `root` is a dataclass instance (values) or a dataclass type (annotations).
+    `root` is a Section instance (values) or a Section class (annotations).
     """
-    hints = get_type_hints(root if isinstance(root, type) else type(root))
-    for f in fields(root):
-        value = hints[f.name] if isinstance(root, type) else getattr(root, f.name)
-        yield prefix + f.name, f, value
-        if is_dataclass(value):
-            yield from walk(value, prefix + f.name + ".")
+    cls = root if isinstance(root, type) else type(root)
+    for name, f in cls.model_fields.items():
+        value = f.annotation if isinstance(root, type) else getattr(root, name)
+        yield prefix + name, f, value
+        if _is_section(value):
+            yield from walk(value, prefix + name + ".")
 
 
 def annotation_at(root: type, dotted: str) -> Any:
@@ -93,33 +125,44 @@ def annotation_at(root: type, dotted: str) -> Any:
     tp: Any = root
     parts = dotted.split(".")
     for i, part in enumerate(parts):
-        if not is_dataclass(tp):
+        if not _is_section(tp):
             raise ConfigError(dotted, f"'{'.'.join(parts[:i])}' is a value, not a section")
-        hints = get_type_hints(tp)
-        if part not in hints:
+        if part not in tp.model_fields:
             section = ".".join(parts[:i])
-            raise ConfigError(dotted, "unknown key" + _suggest(part, list(hints), section, root))
-        tp = hints[part]
+            raise ConfigError(dotted, "unknown key" + _suggest(part, list(tp.model_fields), section, root))
+        tp = tp.model_fields[part].annotation
     return tp
+
+
+def _is_section(x: Any) -> bool:
+    return (isinstance(x, type) and issubclass(x, BaseModel)) or isinstance(x, BaseModel)
+
+
+def _strip_optional(tp: Any) -> Any:
+    if get_origin(tp) in (Union, types.UnionType):
+        members = [a for a in get_args(tp) if a is not type(None)]
+        return members[0] if len(members) == 1 else tp
+    return tp
+
+
+def _accepts(tp: Any, kind: type) -> bool:
+    """Whether annotation `tp` admits values of `kind` (str also through a Literal of strings)."""
+    if tp is kind:
+        return True
+    if get_origin(tp) is Literal:
+        return any(isinstance(a, kind) for a in get_args(tp))
+    if get_origin(tp) in (Union, types.UnionType):
+        return any(_accepts(a, kind) for a in get_args(tp))
+    return False
 
 
 def _parse_override(text: str, tp: Any) -> Any:
     """A YAML literal; for string-typed keys a bare scalar stays the raw text (`run.name=2024`,
     `wandb.mode=off` must not become an int or a bool)."""
     value = yaml.safe_load(text) if text.strip() else ""
-    if value is not None and not isinstance(value, (list, dict, str)) and _admits_str(tp):
+    if value is not None and not isinstance(value, (list, dict, str)) and _accepts(tp, str):
         return text.strip()
     return value
-
-
-def _admits_str(tp: Any) -> bool:
-    if tp is str:
-        return True
-    if get_origin(tp) is Literal:
-        return any(isinstance(a, str) for a in get_args(tp))
-    if get_origin(tp) in (Union, types.UnionType):
-        return any(_admits_str(a) for a in get_args(tp))
-    return False
 
 
 def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
@@ -143,100 +186,65 @@ def _suggest(name: str, candidates: list[str], section: str, root: type) -> str:
     return f" (did you mean '{elsewhere[0]}'?)" if elsewhere else ""
 
 
-def _build(cls: type, data: Any, prefix: str, root: type) -> Any:
-    if data is None:  # an empty YAML section (`train:`) means "all defaults"
-        data = {}
-    if not isinstance(data, Mapping):
-        raise ConfigError(prefix.rstrip(".") or "<root>", f"expected a mapping, got {type(data).__name__}")
-    hints = get_type_hints(cls)
-    for key in data:
-        if key not in hints:
-            suggestion = _suggest(str(key), list(hints), prefix.rstrip("."), root)
-            raise ConfigError(f"{prefix}{key}", "unknown key" + suggestion)
-    kwargs = {}
-    for f in fields(cls):
-        if f.name in data:
-            key = prefix + f.name
-            tp = hints[f.name]
-            value = data[f.name]
-            kwargs[f.name] = _build(tp, value, key + ".", root) if is_dataclass(tp) else _coerce(value, tp, key)
-            _check_range(kwargs[f.name], f.metadata, key)
-    return cls(**kwargs)
+def _config_error(root: type[Section], exc: ValidationError) -> ConfigError:
+    """pydantic's first problem (an unknown key first: a typo explains the rest) as a ConfigError on
+    the dotted key, in the words the old loader used."""
+    err = sorted(exc.errors(include_url=False), key=lambda e: e["type"] != "extra_forbidden")[0]
+    key, tp, section = _locate(root, err["loc"])
+    value, kind, ctx = err.get("input"), err["type"], err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        name = str(err["loc"][-1])
+        return ConfigError(key, "unknown key" + _suggest(name, list(section.model_fields), key.rpartition(".")[0],
+                                                         root))
+    if kind == "value_error":  # raised by Section._from_yaml as "<field>: <problem>"
+        name, _, problem = str(ctx.get("error", err["msg"])).partition(": ")
+        return ConfigError(f"{key}.{name}" if key else name, problem)
+    if kind == "finite_number":
+        return ConfigError(key, f"must be a finite number, got {value}")
+    if kind == "float_type" and isinstance(value, int) and not isinstance(value, bool):
+        return ConfigError(key, f"number too large for a float: {str(value)[:20]}...")
+    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than_equal": "<=", "less_than": "<"}
+    if kind in bounds:
+        bound = next(iter(ctx.values()))
+        return ConfigError(key, f"must be {bounds[kind]} {bound}, got {value}")
+    if _is_section(tp) or kind == "model_type":
+        return ConfigError(key or "<root>", f"expected a mapping, got {type(value).__name__}")
+    if get_origin(_strip_optional(tp)) is Literal:
+        return ConfigError(key, f"{value!r} is not one of {list(get_args(_strip_optional(tp)))}")
+    return ConfigError(key, f"expected {_type_name(tp)}, got {_type_name(type(value))} {value!r}")
 
 
-_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """`value` checked against annotation `tp` (ints accepted for floats; bools never for numbers)."""
-    origin, args = get_origin(tp), get_args(tp)
-    if origin is Literal:
-        if isinstance(value, str) and value in args:
-            return value
-        raise ConfigError(key, f"{value!r} is not one of {list(args)}")
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        members = [a for a in args if a is not type(None)]
-        if len(members) == 1:  # Optional[X]: X's own message is the clearest
-            return _coerce(value, members[0], key)
-        for arg in members:
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                continue
-    elif origin is list:
-        if isinstance(value, list):
-            return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    elif origin is dict:
-        if isinstance(value, Mapping):
-            for k in value:
-                if not isinstance(k, str) or not k:
-                    raise ConfigError(key, f"keys must be non-empty strings, got {k!r}")
-            return {k: _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
-    elif tp is float and isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
-        return _finite(float(value), key)  # PyYAML reads `3e-4` (no dot) as a string: accept it
-    elif tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return _finite(value, key)
-    elif tp in (int, str, bool) and type(value) is tp:
-        return value
-    raise ConfigError(key, f"expected {_type_name(tp)}, got {_type_name(type(value))} {value!r}")
-
-
-def _finite(value: int | float, key: str) -> float:
-    """A float field's value: NaN and +-inf are refused (a NaN tolerance or lr silently disables
-    every comparison made with it), as are ints too large for a float."""
-    try:
-        out = float(value)
-    except OverflowError:
-        raise ConfigError(key, f"number too large for a float: {str(value)[:20]}...") from None
-    if not math.isfinite(out):
-        raise ConfigError(key, f"must be a finite number, got {value}")
-    return out
+def _locate(root: type, loc: tuple) -> tuple[str, Any, Any]:
+    """(dotted key, annotation there, the section that holds it) of a pydantic error location;
+    union member tags ('str', 'list[str]') end the walk at the field they belong to."""
+    key, tp, section = "", root, root
+    for part in loc:
+        inner = _strip_optional(tp)
+        if _is_section(inner) and isinstance(part, str):
+            section = inner
+            if part not in inner.model_fields:
+                return (f"{key}.{part}" if key else part), None, section
+            key, tp = (f"{key}.{part}" if key else part), inner.model_fields[part].annotation
+        elif get_origin(inner) is list and isinstance(part, int):
+            key, tp = f"{key}[{part}]", get_args(inner)[0]
+        elif get_origin(inner) is dict and isinstance(part, str):
+            key, tp = f"{key}.{part}", get_args(inner)[1]
+        else:
+            break
+    return key, tp, section
 
 
 def _type_name(tp: Any) -> str:
-    if get_origin(tp) in (Union, types.UnionType):
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
         return " | ".join(_type_name(a) for a in get_args(tp))
-    if get_origin(tp) is list:
+    if origin is list:
         return f"list[{_type_name(get_args(tp)[0])}]"
-    if get_origin(tp) is dict:
+    if origin is dict:
         return f"dict[str, {_type_name(get_args(tp)[1])}]"
+    if origin is not None and hasattr(tp, "__origin__") and get_args(tp):  # Annotated[int, ...]
+        return _type_name(get_args(tp)[0])
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
-
-
-def _check_range(value: Any, meta: Mapping[str, Any], key: str) -> None:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _check_range(v, meta, f"{key}.{k}")
-        return
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return
-    for name, bad, text in (("ge", lambda b: value < b, ">="), ("gt", lambda b: value <= b, ">"),
-                            ("le", lambda b: value > b, "<=")):
-        bound = meta.get(name)
-        if bound is not None and bad(bound):
-            raise ConfigError(key, f"must be {text} {bound}, got {value}")
 
 
 def read_yaml(path: str | os.PathLike, seen: tuple[str, ...] = ()) -> dict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -172,9 +171,31 @@ def test_derive_seed_is_stable_and_distinct():
     assert len(seeds) == 16 and all(0 <= s < 2**32 for s in seeds)
 
 
-def test_config_is_plain_dataclasses():
+def test_config_sections_are_pydantic_models_with_a_json_schema():
+    from pydantic import BaseModel
+
     cfg = load_config(None)
-    assert dataclasses.is_dataclass(cfg.model.lora) and cfg.model.lora.modules_to_save == ["generation_head"]
+    assert isinstance(cfg.model.lora, BaseModel) and cfg.model.lora.modules_to_save == ["generation_head"]
+    schema = Config.model_json_schema()
+    lora = schema["$defs"]["LoraConfig"]
+    assert lora["additionalProperties"] is False and lora["properties"]["r"]["minimum"] == 1
+    assert lora["properties"]["r"]["description"] == config_docs()["model.lora.r"]
     a, b = Config(), Config()
     a.wandb.tags.append("x")
     assert b.wandb.tags == []
+
+
+def test_the_config_command_prints_the_checked_tree_and_its_schema(capsys, tmp_path):
+    import json
+
+    from pipelines.cli import main
+
+    shapes = str(REPO / "configs" / "shapes.yaml")
+    assert main(["config", shapes, "train.lr=1e-4"]) == 0
+    (tmp_path / "printed.yaml").write_text(capsys.readouterr().out)
+    assert load_config(tmp_path / "printed.yaml") == load_config(shapes, ["train.lr=1e-4"])
+    assert main(["config", "--schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert schema["properties"]["train"]["description"] and "TrainConfig" in schema["$defs"]
+    assert main(["config", str(REPO / "configs" / "shapes.yaml"), "train.lrr=1"]) == 2
+    assert "train.lrr: unknown key (did you mean 'train.lr'?)" in capsys.readouterr().err
