@@ -43,11 +43,12 @@ class AdapterError(ValueError):
 
 @dataclass
 class LoraSpec:
-    """What LoRA to attach. target_modules: a regex (peft full-match) or a list of module names."""
+    """What LoRA to attach. target_modules: a regex (peft full-match) or a list of module names.
+    Defaults equal the config's `model.lora` (models/ does not import pipelines/; a test checks it)."""
 
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
     target_modules: str | list[str] = DEFAULT_TARGETS
     modules_to_save: list[str] = field(default_factory=lambda: ["generation_head"])
 
@@ -68,11 +69,15 @@ def check_lora_spec(spec: LoraSpec, names: list[str]) -> None:
 
 
 def attach_lora(m: JanusUnified, spec: LoraSpec) -> JanusUnified:
-    """Wrap the model with fresh LoRA layers (peft injects them in place). Returns a new wrapper."""
+    """Wrap the model with fresh LoRA layers (peft injects them in place). Returns a new wrapper in the
+    model's train / eval mode (peft's new dropout layers would otherwise be in train mode: an eval
+    model would sample with LoRA dropout on)."""
     check_lora_spec(spec, [n for n, _ in m.janus.named_modules()])
     config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
                         target_modules=spec.target_modules, modules_to_save=list(spec.modules_to_save))
+    training = m.janus.training
     peft_model = get_peft_model(m.janus, config)
+    peft_model.train(training)
     return JanusUnified(peft_model, m.processor, m.default_judge_mode, m.fast_decode)
 
 

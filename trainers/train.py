@@ -59,7 +59,10 @@ STATE_FILE = "train_state.pt"
 
 @dataclass
 class TrainArgs:
-    """Everything one `train_adapter` call needs; mirrors `pipelines.config.TrainConfig` (+ model)."""
+    """Everything one `train_adapter` call needs: the trainer's own interface (trainers/ does not import
+    pipelines/), filled from `pipelines.config.TrainConfig` (+ model) by `pipelines.improve.train_args`.
+    Defaults equal the config's (tests/pipelines/test_config_tree.py checks it), so a caller that
+    omits a field gets what a run would use."""
 
     objective: str = "sft"
     """"sft": maximise log p(image tokens | prompt) of accepted rows; "dpo": preference pairs."""
@@ -71,7 +74,7 @@ class TrainArgs:
     """Adapter dir to continue from (previous round), loaded trainable; `lora` is then ignored."""
     lora: LoraSpec = field(default_factory=LoraSpec)
     """Fresh LoRA to attach when there is no init_adapter (models.lora.LoraSpec)."""
-    num_workers: int = 2
+    num_workers: int = 1
     """Data-parallel Ray Train workers."""
     use_gpu: bool = False
     """One (or gpus_per_worker) GPU per worker, nccl backend; False = CPU, gloo."""
@@ -79,7 +82,7 @@ class TrainArgs:
     """CPUs Ray reserves per worker."""
     gpus_per_worker: float = 1.0
     """GPUs Ray reserves per worker when use_gpu."""
-    lr: float = 1e-3
+    lr: float = 3e-4
     """Peak AdamW learning rate."""
     weight_decay: float = 0.0
     """AdamW weight decay (0: decay would pull the adapter towards 0 = the start model every round)."""
@@ -87,11 +90,11 @@ class TrainArgs:
     """Guidance weight of the loss's distribution: generation's trains what it samples; 1 = conditional."""
     temperature: float = 1.0
     """Sampling temperature of that distribution (log-probs of logits / temperature)."""
-    epochs: int = 1
+    epochs: int = 3
     """Passes over the rows."""
     max_steps: Optional[int] = None
     """Cap on optimizer steps (None: epochs decide). TrainConfig calls it `steps`."""
-    batch_size: int = 8
+    batch_size: int = 16
     """Rows per worker per micro-batch (a DPO row is one pair: 2 sequences)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""

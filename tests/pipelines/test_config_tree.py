@@ -199,3 +199,21 @@ def test_the_config_command_prints_the_checked_tree_and_its_schema(capsys, tmp_p
     assert schema["properties"]["train"]["description"] and "TrainConfig" in schema["$defs"]
     assert main(["config", str(REPO / "configs" / "shapes.yaml"), "train.lrr=1"]) == 2
     assert "train.lrr: unknown key (did you mean 'train.lr'?)" in capsys.readouterr().err
+
+
+def test_the_trainer_and_lora_interfaces_default_to_the_configs_values():
+    # trainers/ and models/ keep their own argument classes (they do not import pipelines/), but a
+    # field they share with the config must not drift from it (it did: lr 1e-3 vs 3e-4, r 8 vs 16).
+    import dataclasses
+
+    from models.lora import LoraSpec
+    from trainers.train import TrainArgs
+
+    cfg = Config()
+    pairs = [(TrainArgs(), cfg.train, {"max_steps": "steps"}), (LoraSpec(), cfg.model.lora, {})]
+    for mirror, section, renamed in pairs:
+        shared = {f.name: renamed.get(f.name, f.name) for f in dataclasses.fields(mirror)
+                  if renamed.get(f.name, f.name) in type(section).model_fields}
+        assert len(shared) >= 5
+        for mine, theirs in shared.items():
+            assert getattr(mirror, mine) == getattr(section, theirs), (type(mirror).__name__, mine)
