@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from pipelines import rounds
+from pipelines import improve, rounds
 from pipelines.config import Config, load_config
 from pipelines.store import RunStore
 
@@ -65,20 +65,20 @@ class Ctx:
 def run_round(ctx: Ctx, k: int) -> dict:
     """One self-improvement round on one screen: improve the start model, audit, promote."""
     cfg, store = ctx.cfg, ctx.store
-    start = rounds.start_model(store, cfg)  # the model this round improves (0 = base; audit.continue_from)
+    start = improve.start_model(store, cfg)  # the model this round improves (0 = base; audit.continue_from)
     adapter = rounds.adapter_path(store, start)
     prompts = rounds.round_prompts(ctx, k)  # rotating slice + curriculum replay of discard pools
     samples = ctx.stage(k, "generate", lambda: rounds.generate(cfg, prompts, k, adapter))
     judged = ctx.stage(k, "judge", lambda: rounds.judge(cfg, samples, k, adapter))
     pooled = ctx.stage(k, "pool", lambda: rounds.pool(ctx, k, judged, prompts))
-    trained = ctx.stage(k, "train", lambda: rounds.train(ctx, k, pooled, adapter))
-    evaluated = ctx.stage(k, "evaluate", lambda: rounds.evaluate(ctx, k, trained))
-    decision = ctx.stage(k, "audit", lambda: rounds.audit(ctx, k, evaluated))
-    ctx.stage(k, "promote", lambda: rounds.promote(store, k, decision))
-    metrics = {**evaluated["metrics"], **rounds.round_metrics(k, judged, pooled, trained, decision, ctx.timings)}
+    trained = ctx.stage(k, "train", lambda: improve.train(ctx, k, pooled, adapter))
+    evaluated = ctx.stage(k, "evaluate", lambda: improve.evaluate(ctx, k, trained))
+    decision = ctx.stage(k, "audit", lambda: improve.audit(ctx, k, evaluated))
+    ctx.stage(k, "promote", lambda: improve.promote(store, k, decision))
+    metrics = {**evaluated["metrics"], **improve.round_metrics(k, judged, pooled, trained, decision, ctx.timings)}
     ctx.tracker.log_round(k, metrics)
     ctx.tracker.log_samples(k, evaluated["samples"])
-    ctx.tracker.log_train_curve(k, rounds.train_curve(store, trained.get("adapter_round")))
+    ctx.tracker.log_train_curve(k, improve.train_curve(store, trained.get("adapter_round")))
     if decision["degraded"]:
         ctx.tracker.flag(k, decision["reason"])
     return {"round": k, "start": start, "decision": decision, "metrics": metrics}
@@ -94,10 +94,11 @@ def run(cfg: Config) -> dict:
     rounds.write_prompt_report(store, prompt_report)
     prompt_sets = (train, heldout, validation)
     connect_ray(cfg)
+    from pipelines.report import write_report
     from pipelines.tracking import Tracker
 
     ctx = Ctx(cfg, store, Tracker(cfg, store), *prompt_sets)
-    history = [rounds.evaluate_base(ctx)]
+    history = [improve.evaluate_base(ctx)]
     ctx.tracker.log_round(0, history[0]["metrics"])
     for k in range(1, cfg.run.rounds + 1):
         result = run_round(ctx, k)
@@ -105,7 +106,7 @@ def run(cfg: Config) -> dict:
         if result["decision"]["degraded"] and cfg.audit.on_degradation == "stop":
             print(f"[round {k}] co-degradation: stopping ({result['decision']['reason']})", flush=True)
             break
-    rounds.write_report(ctx, history)
+    write_report(ctx.store, history)  # runs/<run>/report.md: metrics plot, before/after grid
     ctx.tracker.finish()
     return store.manifest()
 

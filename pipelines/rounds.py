@@ -1,7 +1,9 @@
 """The stages of a round, as the driver calls them: thin glue over the pure core and the Ray edge.
 
-Where it fits: `pipelines/driver.py` reads as the list of stages; this module holds what each stage
-does. Every stage function returns `(result, info)`: `result` is a DataFrame or a dict whose
+Where it fits: `pipelines/driver.py` reads as the list of stages; this module holds what the data
+stages do (prompts, generate, judge, pool), `pipelines/improve.py` the model stages (train, evaluate,
+audit, promote); improve imports from here, never the other way round. Every stage function
+returns `(result, info)`: `result` is a DataFrame or a dict whose
 DataFrame values become Parquet tables of the stage and whose other values must be JSON-able;
 `info` is the small summary kept in the manifest. `save_stage` / `load_stage` persist and restore
 exactly that, so a resumed run sees the same values as an uninterrupted one.
@@ -254,14 +256,3 @@ def pool(ctx, k: int, judged: pd.DataFrame, prompts: list[dict]):
               "accepted_prompt_ids": accepted_ids}
     return result, info
 
-
-# ------------------------------------------------------------------ train / evaluate / audit / promote
-from pipelines.improve import (audit, evaluate, evaluate_base, promote, round_metrics, start_model,  # noqa: E402,F401
-                              train, train_curve)
-
-
-def write_report(ctx, history: list[dict]) -> str:
-    """runs/<run>/report.md with the metrics plot and the before/after grid."""
-    from pipelines.report import write_report as write
-
-    return write(ctx.store, history)

@@ -41,11 +41,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -53,33 +51,10 @@ import yaml
 
 from pipelines.config import Config, config_from_dict, load_config
 from serve.contradictions import contradiction_log_path, open_run, read_contradictions  # noqa: F401 (API)
+from serve.settings import server_settings
 
 APP_NAME = "unigap"
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-@dataclass
-class ServerSettings:
-    """Everything a replica needs, resolved once by `build_app` (plain values: pickled to replicas)."""
-
-    run_dir: str
-    model_path: str
-    dtype: str
-    device: str
-    judge_mode: Optional[str]  # None: the mode the checkpoint was trained for
-    cfg_weight: float  # defaults for requests that do not set them (the run's generate: section)
-    temperature: float
-    top_k: Optional[int]
-    max_prompt_chars: int
-    max_n: int
-    max_best_of: int
-    contradiction_threshold: float
-    batching: bool
-    max_batch_size: int
-    batch_wait_timeout_s: float
-    api_key_env: Optional[str]
-    body_timeout_s: float  # the replica's own body deadline (the proxy guard's, when it is installed)
-    api_key_sha256: Optional[str]  # the driver's key, hashed: the plain key never leaves its process
 
 
 def resolve_config(run_dir: str, config: Optional[str] = None, overrides: tuple[str, ...] = ()) -> Config:
@@ -88,20 +63,6 @@ def resolve_config(run_dir: str, config: Optional[str] = None, overrides: tuple[
         return load_config(config, list(overrides))
     store = open_run(run_dir)
     return config_from_dict(yaml.safe_load(store.read_bytes("config.yaml")) or {}, list(overrides))
-
-
-def server_settings(run_dir: str, cfg: Config, model: Optional[str] = None, batching: bool = True) -> ServerSettings:
-    s, g = cfg.serve, cfg.generate
-    key_hash = None
-    if s.api_key_env and os.environ.get(s.api_key_env):
-        key_hash = hashlib.sha256(os.environ[s.api_key_env].encode()).hexdigest()
-    return ServerSettings(
-        run_dir=run_dir, model_path=model or cfg.model.path, dtype=cfg.model.dtype, device=cfg.model.device,
-        judge_mode=cfg.judge.mode, cfg_weight=g.cfg_weight, temperature=g.temperature, top_k=g.top_k,
-        max_prompt_chars=s.max_prompt_chars, max_n=s.max_n, max_best_of=s.max_best_of,
-        contradiction_threshold=s.contradiction_threshold, batching=batching,
-        max_batch_size=s.max_batch_size, batch_wait_timeout_s=s.batch_wait_timeout_s,
-        api_key_env=s.api_key_env, api_key_sha256=key_hash, body_timeout_s=s.body_timeout_s)
 
 
 def build_app(args: dict):

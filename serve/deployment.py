@@ -63,7 +63,7 @@ from models.lora import AdapterSet
 from serve.api_models import (ChatCompletion, ChatCompletionRequest, ErrorBody, GenerationRequest,
                               GenerationResponse, HealthResponse, JudgeRequest, JudgeResponse, ModelList,
                               inline_schema)
-from serve.app import ServerSettings
+from serve.settings import ServerSettings
 from serve.contradictions import ContradictionLog, contradiction_row, open_run
 from serve.chat import chat_response, models_response, parse_chat
 from serve.round_models import RoundModel
