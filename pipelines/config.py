@@ -46,7 +46,7 @@ __all__ = ["Config", "ConfigError", "load_config", "config_from_dict", "dump_con
 LM_PROJECTIONS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
-class RunConfig(Section):
+class RunSection(Section):
     name: str = _f("shapes", "Run directory name under `root`; letters, digits, . _ - only.")
     root: str = _f("runs", "Run store root: local dir, file://, s3:// or gs:// URI.")
     seed: int = _f(0, "Run seed; stage seeds derive from (seed, round, stage, shard).", ge=0)
@@ -54,7 +54,7 @@ class RunConfig(Section):
     force: bool = _f(False, "Reuse a run dir created with a different config (kept, logged).")
 
 
-class LoraConfig(Section):
+class LoraSection(Section):
     r: int = _f(16, "LoRA rank.", ge=1)
     alpha: float = _f(32.0, "LoRA scaling numerator (scale = alpha / r).", gt=0)
     dropout: float = _f(0.05, "Dropout on the LoRA input.", ge=0, le=0.9)
@@ -63,15 +63,15 @@ class LoraConfig(Section):
     modules_to_save: list[str] = _f(["generation_head"], "Modules trained in full and saved with the adapter.")
 
 
-class ModelConfig(Section):
+class ModelSection(Section):
     path: str = _f("shapes", "Checkpoint dir or hub id; 'shapes' = shipped shapes/checkpoint, 'tiny' = random.")
     kind: Literal["janus"] = _f("janus", "Model family (one file per family in models/).")
     dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "Weight dtype for inference.")
     device: Literal["cpu", "cuda", "auto"] = _f("auto", "Device; auto = cuda when available.")
-    lora: LoraConfig = _section(LoraConfig, "LoRA adapter trained each round.")
+    lora: LoraSection = _section(LoraSection, "LoRA adapter trained each round.")
 
 
-class PromptsConfig(Section):
+class PromptsSection(Section):
     source: str = _f("shapes", "'shapes' (built-in world) or a .jsonl/.csv/.parquet with `prompt`.")
     split: Literal["train", "heldout", "all"] = _f("train", "Which prompts to train on.")
     limit: Optional[int] = _f(None, "Keep at most this many prompts (after filtering).", ge=1)
@@ -85,7 +85,7 @@ class PromptsConfig(Section):
         "prompts; categories not named get none); {} = one slice of the mixed list.")
 
 
-class GenerateConfig(Section):
+class GenerateSection(Section):
     num_images: int = _f(8, "N images sampled per prompt.", ge=1)
     num_images_by_category: dict[str, Annotated[int, Field(ge=1)]] = _f(
         {}, "N per prompt for the named categories (e.g. more samples where the model is rarely right); others "
@@ -99,7 +99,7 @@ class GenerateConfig(Section):
     num_gpus_per_actor: float = _f(0.0, "GPUs per generation actor; fractions share a GPU.", ge=0)
 
 
-class JudgeConfig(Section):
+class JudgeSection(Section):
     mode: Optional[Literal["binary", "prob", "describe_prob"]] = _f(
         None, "binary: parse 'The score is s'; prob: P(Yes); describe_prob: describe, then P(Yes); "
         "null: the mode the checkpoint was trained for.")
@@ -114,7 +114,7 @@ class JudgeConfig(Section):
         "(the shapes oracle's verdict: the upper bound any own judge can reach).")
 
 
-class PoolsConfig(Section):
+class PoolsSection(Section):
     accept_threshold: float = _f(0.6, "score >= this -> accepted (checked before rejected).", ge=0, le=1)
     reject_threshold: float = _f(0.4, "score <= this -> rejected; in between -> uncertain.", ge=0, le=1)
     sft_select: Literal["all", "best_of_n"] = _f("all", "SFT rows: all accepted samples, or per prompt the top-scored "
@@ -126,14 +126,14 @@ class PoolsConfig(Section):
     review_seed: int = _f(0, "Seed of the risk-weighted review sample.", ge=0)
 
 
-class PairsConfig(Section):
+class PairsSection(Section):
     strategy: Literal["best_worst", "all"] = _f("best_worst", "best_worst: top accepted vs bottom rejected; "
                                                 "all: every accepted x rejected.")
     margin: float = _f(0.0, "Minimum chosen - rejected score gap for a pair.", ge=0, le=1)
     max_pairs_per_prompt: int = _f(4, "Cap on pairs per prompt (seeded sample when over).", ge=0)
 
 
-class TrainConfig(Section):
+class TrainSection(Section):
     objective: Literal["sft", "dpo"] = _f("sft", "sft on accepted samples, or dpo on pairs.")
     num_workers: int = _f(1, "Ray Train workers (data-parallel replicas).", ge=1)
     use_gpu: bool = _f(False, "One GPU per train worker.")
@@ -162,13 +162,13 @@ class TrainConfig(Section):
     checkpoint_every: int = _f(0, "Checkpoint every k steps (0 = only at the end).", ge=0)
 
 
-class CurriculumConfig(Section):
+class CurriculumSection(Section):
     enabled: bool = _f(False, "Replay discard-pool prompts with the current model (Alg. 2).")
     start_round: int = _f(2, "First round that replays (later works better, per the paper).", ge=1)
     max_replay: Optional[int] = _f(None, "Cap on replayed prompts per round (None = all).", ge=1)
 
 
-class EvalConfig(Section):
+class EvalSection(Section):
     num_prompts: int = _f(118, "Held-out prompts evaluated each round.", ge=1)
     num_images: int = _f(8, "Images per held-out prompt.", ge=1)
     understanding_pairs: int = _f(256, "(image, prompt) pairs for the understanding check.", ge=0)
@@ -180,7 +180,7 @@ class EvalConfig(Section):
     num_shards: int = _f(2, "Parallel evaluation tasks, each on a share of the prompts (same rows).", ge=1)
 
 
-class AuditConfig(Section):
+class AuditSection(Section):
     backend: Literal["oracle", "vlm", "openai_http", "vllm"] = _f(
         "oracle", "External judge: oracle, VLM in process, OpenAI endpoint, or a vLLM engine (ray.data.llm).")
     vlm_path: Optional[str] = _f(None, "External VLM checkpoint (backend=vlm or vllm).")
@@ -207,7 +207,7 @@ class AuditConfig(Section):
                                                                "to the best adapter and go on.")
 
 
-class WandbConfig(Section):
+class WandbSection(Section):
     mode: Literal["offline", "online", "disabled"] = _f("offline", "offline never touches the network.")
     project: str = _f("unigap", "W&B project.")
     group: Optional[str] = _f(None, "W&B group (None = run name).")
@@ -215,7 +215,7 @@ class WandbConfig(Section):
     dir: Optional[str] = _f(None, "W&B dir (None = the run dir when local).")
 
 
-class ServeConfig(Section):
+class ServeSection(Section):
     host: str = _f("127.0.0.1", "HTTP bind address.")
     port: int = _f(8000, "HTTP port.", ge=1, le=65535)
     min_replicas: int = _f(1, "Autoscaling lower bound.", ge=0)
@@ -234,27 +234,27 @@ class ServeConfig(Section):
                                    "more queue at the proxy.", ge=1)
 
 
-class RayConfig(Section):
+class RaySection(Section):
     address: Optional[str] = _f(None, "Cluster address (None = start a local Ray).")
     num_cpus: Optional[int] = _f(None, "CPUs of the local Ray (None = all).", ge=1)
     object_store_mb: int = _f(512, "Local object store size in MiB.", ge=64)
 
 
 class Config(Section):
-    run: RunConfig = _section(RunConfig, "Run identity and the run store.")
-    model: ModelConfig = _section(ModelConfig, "The unified model and its LoRA.")
-    prompts: PromptsConfig = _section(PromptsConfig, "Where prompts come from.")
-    generate: GenerateConfig = _section(GenerateConfig, "Sampling N images per prompt.")
-    judge: JudgeConfig = _section(JudgeConfig, "The model judging its own images.")
-    pools: PoolsConfig = _section(PoolsConfig, "Accepted / rejected / uncertain pools.")
-    pairs: PairsConfig = _section(PairsConfig, "DPO pair building.")
-    train: TrainConfig = _section(TrainConfig, "LoRA training with Ray Train.")
-    curriculum: CurriculumConfig = _section(CurriculumConfig, "Discard-pool replay.")
-    eval: EvalConfig = _section(EvalConfig, "Held-out evaluation each round.")
-    audit: AuditConfig = _section(AuditConfig, "External judge; promote or roll back.")
-    wandb: WandbConfig = _section(WandbConfig, "Experiment tracking.")
-    serve: ServeConfig = _section(ServeConfig, "Ray Serve deployment.")
-    ray: RayConfig = _section(RayConfig, "Ray cluster connection.")
+    run: RunSection = _section(RunSection, "Run identity and the run store.")
+    model: ModelSection = _section(ModelSection, "The unified model and its LoRA.")
+    prompts: PromptsSection = _section(PromptsSection, "Where prompts come from.")
+    generate: GenerateSection = _section(GenerateSection, "Sampling N images per prompt.")
+    judge: JudgeSection = _section(JudgeSection, "The model judging its own images.")
+    pools: PoolsSection = _section(PoolsSection, "Accepted / rejected / uncertain pools.")
+    pairs: PairsSection = _section(PairsSection, "DPO pair building.")
+    train: TrainSection = _section(TrainSection, "LoRA training with Ray Train.")
+    curriculum: CurriculumSection = _section(CurriculumSection, "Discard-pool replay.")
+    eval: EvalSection = _section(EvalSection, "Held-out evaluation each round.")
+    audit: AuditSection = _section(AuditSection, "External judge; promote or roll back.")
+    wandb: WandbSection = _section(WandbSection, "Experiment tracking.")
+    serve: ServeSection = _section(ServeSection, "Ray Serve deployment.")
+    ray: RaySection = _section(RaySection, "Ray cluster connection.")
 
 
 # Fields that do not change any stage output: changing them must not make a run "a different

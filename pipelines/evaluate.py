@@ -43,10 +43,10 @@ understanding rows of `samples`, enough to pass back as `base_verdicts` / `base_
 Example:
     >>> from models.loading import load_model
     >>> from pipelines.audit import OracleJudge
-    >>> from pipelines.config import EvalConfig
+    >>> from pipelines.config import EvalSection
     >>> from pipelines.prompts import load_prompts
     >>> rows, _ = load_prompts("shapes", split="heldout")
-    >>> cfg = EvalConfig(num_prompts=4, num_images=2, understanding_pairs=8, seed=0)
+    >>> cfg = EvalSection(num_prompts=4, num_images=2, understanding_pairs=8, seed=0)
     >>> m0, s0 = evaluate_round(load_model("tiny"), OracleJudge(), rows, cfg)
     >>> m1, _ = evaluate_round(load_model("tiny:1"), OracleJudge(), rows, cfg, base_verdicts=s0)
     >>> m0["eval/gen_accuracy/n"], m0["eval/und_accuracy/n"], m1["eval/und_win_rate/n"] >= 0
@@ -91,7 +91,7 @@ def evaluate_round(model, judge, prompts: Sequence[dict], eval_cfg, judge_mode: 
     """Metrics and per-sample rows of `model` on held-out `prompts` (see the module docstring).
 
     base_verdicts / base_pairs (the same thing; give either): round 0's samples or its `.pairs`.
-    generate_cfg: a `GenerateConfig` whose cfg_weight / temperature / top_k the eval samples with
+    generate_cfg: a `GenerateSection` whose cfg_weight / temperature / top_k the eval samples with
     (None = cfg 5.0, temperature 1.0, as shapes/evaluate.py), so eval matches training sampling.
     generations: the generation rows, already made by `generation_rows` (e.g. in parallel shards);
     None = make them here.

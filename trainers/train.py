@@ -60,7 +60,7 @@ STATE_FILE = "train_state.pt"
 @dataclass
 class TrainArgs:
     """Everything one `train_adapter` call needs: the trainer's own interface (trainers/ does not import
-    pipelines/), filled from `pipelines.config.TrainConfig` (+ model) by `pipelines.improve.train_args`.
+    pipelines/), filled from `pipelines.config.TrainSection` (+ model) by `pipelines.improve.train_args`.
     Defaults equal the config's (tests/pipelines/test_config_tree.py checks it), so a caller that
     omits a field gets what a run would use."""
 
@@ -93,7 +93,7 @@ class TrainArgs:
     epochs: int = 3
     """Passes over the rows."""
     max_steps: Optional[int] = None
-    """Cap on optimizer steps (None: epochs decide). TrainConfig calls it `steps`."""
+    """Cap on optimizer steps (None: epochs decide). TrainSection calls it `steps`."""
     batch_size: int = 16
     """Rows per worker per micro-batch (a DPO row is one pair: 2 sequences)."""
     grad_accum: int = 1

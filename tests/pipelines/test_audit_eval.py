@@ -11,7 +11,7 @@ from PIL import Image
 
 from pipelines.audit import (AuditDecision, InvertedJudge, OracleJudge, RandomJudge, VLMJudge, audit,
                              audit_vs_best, flat_record, make_external_judge)
-from pipelines.config import EvalConfig, load_config
+from pipelines.config import EvalSection, load_config
 from pipelines.evaluate import evaluate_round, und_win_rate
 from pipelines.prompts import load_prompts
 from shapes.world import heldout_prompts, render, sample_scene
@@ -162,7 +162,7 @@ def test_vlm_judge_generic_transformers_route_matches_the_janus_route(tmp_path, 
 
 # ------------------------------------------------------------------------------- evaluation
 
-EVAL = EvalConfig(num_prompts=6, num_images=2, understanding_pairs=10, seed=5)
+EVAL = EvalSection(num_prompts=6, num_images=2, understanding_pairs=10, seed=5)
 
 
 @pytest.fixture(scope="module")
@@ -266,7 +266,7 @@ def test_paired_gain_of_an_evaluation_against_itself_and_an_inverted_judge(base_
     assert flipped["eval/gain/ci_low"] <= flipped["eval/gain"] <= flipped["eval/gain/ci_high"]
     used = [r for r in prompts if r["prompt_id"] in set(samples["prompt_id"])]  # the same 6 prompts
     other_seeds = evaluate_round(load_model("tiny"), OracleJudge(), used,
-                                 EvalConfig(num_prompts=6, num_images=2, understanding_pairs=0, seed=6),
+                                 EvalSection(num_prompts=6, num_images=2, understanding_pairs=0, seed=6),
                                  judge_mode="prob").samples
     with pytest.raises(ValueError, match="different seeds"):
         paired_gain(other_seeds, samples, "gain")

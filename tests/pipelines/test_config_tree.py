@@ -177,7 +177,7 @@ def test_config_sections_are_pydantic_models_with_a_json_schema():
     cfg = load_config(None)
     assert isinstance(cfg.model.lora, BaseModel) and cfg.model.lora.modules_to_save == ["generation_head"]
     schema = Config.model_json_schema()
-    lora = schema["$defs"]["LoraConfig"]
+    lora = schema["$defs"]["LoraSection"]
     assert lora["additionalProperties"] is False and lora["properties"]["r"]["minimum"] == 1
     assert lora["properties"]["r"]["description"] == config_docs()["model.lora.r"]
     a, b = Config(), Config()
@@ -196,7 +196,7 @@ def test_the_config_command_prints_the_checked_tree_and_its_schema(capsys, tmp_p
     assert load_config(tmp_path / "printed.yaml") == load_config(shapes, ["train.lr=1e-4"])
     assert main(["config", "--schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
-    assert schema["properties"]["train"]["description"] and "TrainConfig" in schema["$defs"]
+    assert schema["properties"]["train"]["description"] and "TrainSection" in schema["$defs"]
     assert main(["config", str(REPO / "configs" / "shapes.yaml"), "train.lrr=1"]) == 2
     assert "train.lrr: unknown key (did you mean 'train.lr'?)" in capsys.readouterr().err
 
