@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     conf.add_argument("config", nargs="?", default=None, help="YAML config (default: all defaults)")
     conf.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4")
     conf.add_argument("--schema", action="store_true", help="print the config tree's JSON schema instead")
+    conf.add_argument("--commented", action="store_true", help="print it with every field's doc as a comment")
     conf.set_defaults(func=_config)
     _add_optional(sub)
     return ap
@@ -73,11 +74,13 @@ def _config(args: argparse.Namespace) -> int:
     import json
 
     from pipelines.config import Config, dump_config, load_config
+    from pipelines.typed_config import commented_yaml
 
     if args.schema:
         print(json.dumps(Config.model_json_schema(), indent=1))
         return 0
-    print(dump_config(load_config(args.config, args.overrides)), end="")
+    cfg = load_config(args.config, args.overrides)
+    print(commented_yaml(cfg) if args.commented else dump_config(cfg), end="")
     return 0
 
 

@@ -9,7 +9,8 @@ Fields carry their doc and range (`doc_field` -> `Field(description=..., ge/gt/l
 a nested model (`section_field`). The rules are pydantic's strict mode plus two YAML conveniences:
 ints are accepted for floats (never bools for numbers), and a float written `3e-4` (which PyYAML
 reads as a string) is read as the float. NaN and +-inf are refused, unknown keys are refused, an
-empty YAML section (`train:`) means all defaults.
+empty YAML section (`train:`) means all defaults. `commented_yaml` writes a tree back as YAML with
+each field's doc as its comment; `yaml_comment_drift` finds the keys of a YAML whose comment is not.
 
 Example:
     >>> from pipelines.typed_config import Section, build, doc_field, ConfigError
@@ -245,6 +246,47 @@ def _type_name(tp: Any) -> str:
     if origin is not None and hasattr(tp, "__origin__") and get_args(tp):  # Annotated[int, ...]
         return _type_name(get_args(tp)[0])
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+COMMENT, NOTE = "  # ", "  ["  # `key: value  # <field doc>  [<this file's note>]`
+
+
+def commented_yaml(root: BaseModel) -> str:
+    """`root` as YAML, one line per field in declaration order, each with its doc as the comment (the
+    form the shipped configs/*.yaml files keep; `yaml_comment_drift` checks them)."""
+    def scalar(value: Any) -> str:
+        return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("\n...").strip()
+
+    def lines(node: BaseModel, depth: int) -> Iterator[str]:
+        for name, f in type(node).model_fields.items():
+            value, pad = getattr(node, name), "  " * depth
+            if isinstance(value, BaseModel):
+                yield f"{pad}{name}:{COMMENT}{f.description}"
+                yield from lines(value, depth + 1)
+                if depth == 0:
+                    yield ""
+            else:
+                yield f"{pad}{name}: {scalar(value)}{COMMENT}{f.description}"
+
+    return "\n".join(lines(root, 0)).rstrip() + "\n"
+
+
+def yaml_comment_drift(text: str, docs: Mapping[str, str]) -> list[str]:
+    """Keys of a commented YAML whose comment is not their field's doc (optionally followed by a
+    file-specific note in brackets), or that carry no comment: what `commented_yaml` would fix."""
+    path: list[str] = []
+    drift = []
+    for line in text.splitlines():
+        m = re.match(r"^( *)([A-Za-z_][A-Za-z0-9_]*):(.*)$", line)
+        if not m:
+            continue
+        path = path[: len(m.group(1)) // 2] + [m.group(2)]
+        key = ".".join(path)
+        if key in docs:
+            comment = m.group(3).partition(COMMENT)[2]
+            if comment != docs[key] and not comment.startswith(docs[key] + NOTE):
+                drift.append(key)
+    return drift
 
 
 def read_yaml(path: str | os.PathLike, seen: tuple[str, ...] = ()) -> dict:

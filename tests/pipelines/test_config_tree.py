@@ -217,3 +217,29 @@ def test_the_trainer_and_lora_interfaces_default_to_the_configs_values():
         assert len(shared) >= 5
         for mine, theirs in shared.items():
             assert getattr(mirror, mine) == getattr(section, theirs), (type(mirror).__name__, mine)
+
+
+MIRRORS = sorted(p for p in (REPO / "configs").glob("*.yaml") if "extends:" not in p.read_text())
+
+
+@pytest.mark.parametrize("path", MIRRORS, ids=lambda p: p.name)
+def test_shipped_yaml_comments_are_the_field_docs(path):
+    # The full YAML mirrors (not the `extends:` deltas) are documented by the models: each key's
+    # comment is its Field description (plus an optional "  [note]" for this file);
+    # `unigap config FILE --commented` regenerates them.
+    from pipelines.typed_config import yaml_comment_drift
+
+    assert len(MIRRORS) >= 4
+    assert yaml_comment_drift(path.read_text(), config_docs()) == []
+
+
+def test_the_commented_yaml_is_generated_from_the_models_and_reads_back(tmp_path):
+    from pipelines.typed_config import commented_yaml, yaml_comment_drift
+
+    cfg = load_config(REPO / "configs" / "shapes.yaml", ["model.lora.target_modules=[q_proj,v_proj]",
+                                                         "prompts.limit=7"])
+    text = commented_yaml(cfg)
+    (tmp_path / "c.yaml").write_text(text)
+    assert load_config(tmp_path / "c.yaml") == cfg
+    assert yaml_comment_drift(text, config_docs()) == []
+    assert yaml_comment_drift(text.replace("# LoRA rank.", "# rank"), config_docs()) == ["model.lora.r"]
