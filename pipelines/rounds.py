@@ -8,8 +8,13 @@ DataFrame values become Parquet tables of the stage and whose other values must 
 `info` is the small summary kept in the manifest. `save_stage` / `load_stage` persist and restore
 exactly that, so a resumed run sees the same values as an uninterrupted one.
 
-Example:
-    >>> rounds.round_prompts(ctx, 2)   # the prompts of round 2 (rotation + curriculum replay)
+Example (round k's prompts are `round_prompts(ctx, k)`: a rotating slice plus the curriculum's replay):
+    >>> ps = [{"prompt_id": f"p{i}", "prompt": f"prompt {i}", "category": "c"} for i in range(5)]
+    >>> [r["prompt_id"] for r in rotating_slice(ps, 2, 3)]
+    ['p4', 'p0']
+    >>> rows = curriculum(rotating_slice(ps, 2, 3), open_discards([([ps[1]], []), ([ps[2]], ["p1"])]), None)
+    >>> [(r["prompt_id"], r["replayed"]) for r in rows]
+    [('p4', False), ('p0', False), ('p2', True)]
 """
 
 from __future__ import annotations
@@ -140,14 +145,26 @@ def round_prompts(ctx, k: int) -> list[dict]:
     n = cfg.prompts.per_round or len(prompts)
     chosen = (mixed_slice(prompts, cfg.prompts.category_mix, n, k) if cfg.prompts.category_mix
               else rotating_slice(prompts, n, k))
-    rows = [{**r, "replayed": False} for r in chosen]
     c = cfg.curriculum
-    if c.enabled and k >= c.start_round:
-        have = {r["prompt_id"] for r in rows}
-        replay = [r for r in open_discards(ctx.store, k) if r["prompt_id"] not in have][: c.max_replay]
-        rows += [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "category": r["category"], "replayed": True}
-                 for r in replay]
-    return rows
+    replay = c.enabled and k >= c.start_round
+    return curriculum(chosen, open_discards(pool_history(ctx.store, k)) if replay else [], c.max_replay)
+
+
+def curriculum(chosen: list[dict], discarded: list[dict], max_replay: Optional[int]) -> list[dict]:
+    """The round's prompt rows: `chosen` (replayed=False), then the open `discarded` prompts not already
+    chosen, at most `max_replay` of them (replayed=True; None = all).
+
+    >>> rows = curriculum([{"prompt_id": "a", "prompt": "x", "category": "c"}],
+    ...                   [{"prompt_id": "a", "prompt": "x", "category": "c"},
+    ...                    {"prompt_id": "b", "prompt": "y", "category": "c", "score": 0.1}], None)
+    >>> [(r["prompt_id"], r["replayed"]) for r in rows], sorted(rows[1])
+    ([('a', False), ('b', True)], ['category', 'prompt', 'prompt_id', 'replayed'])
+    """
+    rows = [{**r, "replayed": False} for r in chosen]
+    have = {r["prompt_id"] for r in rows}
+    replay = [r for r in discarded if r["prompt_id"] not in have][:max_replay]
+    return rows + [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "category": r["category"], "replayed": True}
+                   for r in replay]
 
 
 def rotating_slice(prompts: list[dict], n: int, k: int) -> list[dict]:
@@ -179,15 +196,26 @@ def mixed_slice(prompts: list[dict], mix: dict[str, float], n: int, k: int) -> l
     return out
 
 
-def open_discards(store: RunStore, k: int) -> list[dict]:
-    """Prompts discarded in rounds < k and not accepted in any later round (first-seen order)."""
+def pool_history(store: RunStore, k: int) -> list[tuple[list[dict], list[str]]]:
+    """(discard-pool rows, accepted prompt ids) of each finished pool stage of rounds 1..k-1, in order."""
+    return [(store.read_table(j, "pool", "discard").to_pylist(),
+             store.stage_info(j, "pool")[RESULT_KEY].get("accepted_prompt_ids", []))
+            for j in range(1, k) if store.is_done(j, "pool")]
+
+
+def open_discards(history: list[tuple[list[dict], list[str]]]) -> list[dict]:
+    """Prompts discarded in some earlier round and not accepted in any round after it (first-seen
+    order; a prompt discarded again after an acceptance is open again).
+
+    >>> d = lambda *ids: [{"prompt_id": i} for i in ids]
+    >>> [r["prompt_id"] for r in open_discards([(d("a", "b"), []), (d("c"), ["a"]), (d("a"), ["c"])])]
+    ['b', 'a']
+    """
     open_: dict[str, dict] = {}
-    for j in range(1, k):
-        if not store.is_done(j, "pool"):
-            continue
-        for row in store.read_table(j, "pool", "discard").to_pylist():
+    for discarded, accepted in history:
+        for row in discarded:
             open_.setdefault(row["prompt_id"], row)
-        for pid in store.stage_info(j, "pool")[RESULT_KEY].get("accepted_prompt_ids", []):
+        for pid in accepted:
             open_.pop(pid, None)
     return list(open_.values())
 
