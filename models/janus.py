@@ -21,7 +21,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from typing import Sequence
@@ -32,6 +31,7 @@ from PIL import Image
 from transformers import GenerationConfig, StaticCache
 from transformers.generation.utils import GenerationMixin
 
+from models.seeds import stable_bits
 from models import decode
 from models.base import JUDGE_QUESTION, JUDGE_SYSTEM, PROB_QUESTION, GenerationOutput, ImageLogprobs, JudgeResult
 
@@ -42,8 +42,7 @@ _SCORE_RE = re.compile(r"score\s*is\s*:?\s*\{?\s*([01])\s*\}?(?![\d.]*\d)", re.I
 
 def derive_seed(*parts: int | str) -> int:
     """A stable 63-bit seed from any parts (sha256; never Python's salted `hash`)."""
-    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+    return stable_bits(":".join(str(p) for p in parts), 8) & (2**63 - 1)
 
 
 def parse_binary_answer(text: str) -> float | None:

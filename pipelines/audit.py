@@ -45,12 +45,13 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import asdict, dataclass
 from typing import Any, Optional, Protocol, Sequence, runtime_checkable
 
 from PIL import Image
+
+from models.seeds import stable_bits
 
 EPS = 1e-9
 WIN_RATE_NEUTRAL = 0.5
@@ -95,8 +96,7 @@ class RandomJudge:
         _check_aligned(images, prompts)
         out = []
         for image, prompt in zip(images, prompts):
-            h = hashlib.sha256(f"{self.seed}/{prompt}/".encode() + image.convert("RGB").tobytes())
-            out.append(h.digest()[0] % 2 == 1)
+            out.append(stable_bits(f"{self.seed}/{prompt}/".encode() + image.convert("RGB").tobytes(), 1) % 2 == 1)
         return out
 
 

@@ -33,6 +33,7 @@ from typing import Annotated, Any, Literal, Mapping, Optional, Sequence, Union
 import yaml
 from pydantic import BaseModel, Field
 
+from models.seeds import stable_bits
 from pipelines.typed_config import ConfigError, Section, build, read_yaml, walk
 from pipelines.typed_config import doc_field as _f
 from pipelines.typed_config import section_field as _section
@@ -307,8 +308,7 @@ def config_docs() -> dict[str, str]:
 
 def derive_seed(run_seed: int, round_: int, stage: str, shard: int = 0) -> int:
     """Seed for one (round, stage, shard): independent streams, reproducible, order-free."""
-    digest = hashlib.sha256(f"{run_seed}/{round_}/{stage}/{shard}".encode()).digest()
-    return int.from_bytes(digest[:4], "little")  # 32 bits: fits numpy and torch seeds
+    return stable_bits(f"{run_seed}/{round_}/{stage}/{shard}", 4)  # 32 bits: fits numpy and torch seeds
 
 
 def _check_combinations(cfg: Config) -> None:

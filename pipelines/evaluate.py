@@ -55,12 +55,12 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 
+from models.seeds import stable_bits
 from pipelines.pools import nonunified_score
 from pipelines.stages import _png, _unpng, judge_batched, sample_seed
 from pipelines.stats import Rate, paired_bootstrap, rate
@@ -159,7 +159,7 @@ def select_prompts(prompts: Sequence[dict], num_prompts: int, seed: int) -> list
     rows = sorted(prompts, key=lambda r: str(r["prompt_id"]))
     if num_prompts >= len(rows):
         return rows
-    key = lambda r: hashlib.sha256(f"{seed}/{r['prompt_id']}".encode()).hexdigest()  # noqa: E731
+    key = lambda r: stable_bits(f"{seed}/{r['prompt_id']}", 32, "big")  # noqa: E731 (the full digest's order)
     keep = {r["prompt_id"] for r in sorted(rows, key=key)[:num_prompts]}
     return [r for r in rows if r["prompt_id"] in keep]
 

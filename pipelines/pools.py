@@ -26,13 +26,13 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 
+from models.seeds import stable_bits, stable_unit
 from pipelines.stats import Rate, rate
 
 NONUNIFIED_THRESHOLD = 0.5
@@ -266,10 +266,9 @@ def corrupt_scores(judged: Any, kind: Literal["none", "random", "inverted"], see
 
 
 def _hash32(text: str) -> int:
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
+    return stable_bits(text, 4)
 
 
 def _unit(seed: int, prompt_id: Any, round_: Any, sample_index: Any) -> float:
     """A uniform number in [0, 1) fixed by its arguments."""
-    digest = hashlib.sha256(f"{seed}/{prompt_id}/{round_}/{sample_index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") / 2.0**64
+    return stable_unit(f"{seed}/{prompt_id}/{round_}/{sample_index}")

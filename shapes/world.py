@@ -30,11 +30,12 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, fields, replace
 from typing import Collection, Protocol, Sequence
 
 import numpy as np
+
+from models.seeds import stable_bits
 
 IMAGE_SIZE = 32
 CELL_SIZE = 16
@@ -198,7 +199,7 @@ def _universe_set() -> frozenset[PromptSpec]:
 
 def stable_hash(text: str) -> int:
     """A process-independent hash (Python's `hash()` is salted per process)."""
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
+    return stable_bits(text, 8, "big")
 
 
 def _is_heldout() -> dict[PromptSpec, bool]:
