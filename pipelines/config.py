@@ -110,6 +110,9 @@ class JudgeSection(Section):
     num_gpus_per_actor: float = _f(0.0, "GPUs per judge actor; fractions share a GPU.", ge=0)
     fused: bool = _f(True, "Judge in the generation actors (one model copy, no second pool; the actor and CPU / "
                      "GPU settings above are then unused); false = a separate judge pool, e.g. on other GPUs.")
+    grades: int = _f(0, "0: the own judge's score as it is; N: as a grade k/N (P(Yes) in N+1 bins), e.g. 10 for "
+                     "UniCorn's 0-10 judge (with pools.accept_threshold=0.7 and pools.sft_select=best_of_n: keep "
+                     "a prompt's best candidate if it scores above 6).", ge=0, le=100)
     corrupt: Literal["none", "random", "inverted", "oracle"] = _f(
         "none", "Control arm: replace the judge's scores on purpose: random, inverted (1 - score), or oracle "
         "(the shapes oracle's verdict: the upper bound any own judge can reach).")

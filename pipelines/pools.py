@@ -4,7 +4,8 @@ Where it fits: after the judge. `assign_pools` sorts judged samples into accepte
 uncertain; `sft_set` (Algorithm 1: keep every accepted image), `dpo_pairs` (chosen = accepted,
 rejected = rejected, same prompt) and `discard_pool` (prompts with no accepted image, replayed by
 the curriculum) feed training; `nonunified_score` is the paper's internal-gap metric;
-`corrupt_scores` is the corrupted-judge control arm, `oracle_scores` the perfect-judge one.
+`corrupt_scores` is the corrupted-judge control arm, `oracle_scores` the perfect-judge one;
+`grade_scores` turns the own judge's P(Yes) into graded verdicts (judge.grades).
 
 Convention: every function takes a DataFrame (a list of row dicts is converted) and returns a new
 DataFrame; inputs are never modified. Rows follow `pipelines.schemas` (JudgedRow, PooledRow, ...).
@@ -236,6 +237,23 @@ def nonunified_score(judged: Any, threshold: float = NONUNIFIED_THRESHOLD) -> No
         invalid_cat[str(cat)] = int((~valid & mask).sum())
     return NonunifiedScore(rate(int(judged_zero.sum()), int(valid.sum())), per_cat,
                            int((~valid).sum()), invalid_cat)
+
+
+def grade_scores(judged: Any, grades: int) -> pd.DataFrame:
+    """The own judge's scores as graded verdicts (UniCorn's judge scores 0-10): each valid score in
+    [0, 1] becomes round(score * grades) / grades, the P(Yes) of the prob modes in `grades` + 1 bins
+    (0/1 binary scores stay 0/1); grades=0 leaves the scores as they are, NaN stays NaN.
+
+    >>> rows = [dict(score=s, valid=True) for s in (0.04, 0.66, 0.94)] + [dict(score=float("nan"), valid=False)]
+    >>> grade_scores(rows, 10)["score"].tolist()[:3], grade_scores(rows, 0)["score"].tolist()[:3]
+    ([0.0, 0.7, 0.9], [0.04, 0.66, 0.94])
+    """
+    if grades < 0:
+        raise ValueError(f"grades must be >= 0, got {grades}")
+    df = as_frame(judged)
+    if grades and not df.empty:
+        df["score"] = np.round(df["score"].astype(float) * grades) / grades
+    return df
 
 
 def corrupt_scores(judged: Any, kind: Literal["none", "random", "inverted"], seed: int) -> pd.DataFrame:

@@ -239,9 +239,11 @@ def generate(cfg: Config, prompts: list[dict], k: int, adapter: Optional[str]):
 
 
 def judge(cfg: Config, samples: pd.DataFrame, k: int, adapter: Optional[str]):
-    """The own judge's verdicts (a judge pool, or the generate stage's when fused), control arms, Nonunified."""
+    """The own judge's verdicts (a judge pool, or the generate stage's when fused), graded (judge.grades),
+    control arms, Nonunified."""
     fused = "score" in samples.columns  # judged in the generate stage (judge.fused)
     df = samples.copy() if fused else stages.judge_table(samples, cfg, adapter=adapter)
+    df = P.grade_scores(df, cfg.judge.grades)  # judge.grades=0: unchanged
     if cfg.judge.corrupt != "none":  # control arm: the judge's scores replaced on purpose
         raw = df["score"].copy()
         if cfg.judge.corrupt == "oracle":  # a perfect judge (the upper bound)

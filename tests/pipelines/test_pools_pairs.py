@@ -208,3 +208,16 @@ def test_category_cap_keeps_the_top_scored_rows_of_an_over_represented_category(
     only_two = rows[rows["category"] != "single"]
     assert cap_categories(only_two, 0.4)["category"].value_counts().to_dict() == {"spatial": 3, "counting": 3}
     assert cap_categories(rows, 1.0).equals(rows)
+
+
+def test_graded_scores_bin_p_yes_and_keep_binary_and_invalid_scores():
+    from pipelines.pools import grade_scores
+
+    rows = [dict(score=s, valid=v) for s, v in ((0.349, True), (0.351, True), (1.0, True), (0.0, True),
+                                                 (float("nan"), False))]
+    graded = grade_scores(rows, 10)["score"].tolist()
+    assert graded[:4] == [0.3, 0.4, 1.0, 0.0] and graded[4] != graded[4]  # NaN stays NaN
+    assert grade_scores(rows, 1)["score"].tolist()[:4] == [0.0, 0.0, 1.0, 0.0]  # one bin edge: a yes/no verdict
+    assert grade_scores(rows, 0)["score"].tolist()[:4] == [0.349, 0.351, 1.0, 0.0]
+    with pytest.raises(ValueError):
+        grade_scores(rows, -1)
