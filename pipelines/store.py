@@ -155,15 +155,19 @@ class RunStore:
         else:
             manifest = self.manifest()
             old_hash = manifest["config_hash"]
-            if old_hash != new_hash:
-                changed = self._config_diff(cfg)
+            changed = self._config_diff(cfg) if old_hash != new_hash else {}
+            if old_hash != new_hash and changed == {}:  # same settings, grown schema (a new field at its default)
+                manifest["config_history"].append(
+                    {"hash": new_hash, "at": session["at"], "forced": False, "schema_only": True})
+                manifest["config_hash"] = new_hash
+            elif old_hash != new_hash:
                 if not force:
                     raise RunStoreError(
                         f"run {self.uri!r} was created with config hash {old_hash}, but this config "
-                        f"hashes to {new_hash} (changed: {_show_changes(changed)}). Use another "
+                        f"hashes to {new_hash} (changed: {_show_changes(changed or {})}). Use another "
                         "run.name, or run.force=true to reuse it (existing data is kept).")
                 manifest["config_history"].append(
-                    {"hash": new_hash, "at": session["at"], "forced": True, "changed": changed})
+                    {"hash": new_hash, "at": session["at"], "forced": True, "changed": changed or {}})
                 manifest["config_hash"] = new_hash
         manifest["sessions"].append(session)
         text = dump_config(cfg).encode()
@@ -175,12 +179,13 @@ class RunStore:
     def exists(self) -> bool:
         return self.fs.get_file_info(self.path("manifest.json")).type == pafs.FileType.File
 
-    def _config_diff(self, cfg: Config) -> dict[str, list]:
-        """key -> [old, new] for result-changing keys; {} when the old config no longer parses."""
+    def _config_diff(self, cfg: Config) -> Optional[dict[str, list]]:
+        """key -> [old, new] for result-changing keys; {} when every such key is equal (the hash then
+        changed only because the schema grew a field); None when the old config no longer parses."""
         try:
             old = config_from_dict(yaml.safe_load(self.read_bytes("config.yaml")) or {})
         except Exception:  # written by an older schema: the hash mismatch alone is reported
-            return {}
+            return None
         a, b = flatten_config(old), flatten_config(cfg)
         keep = [k for k in b if not any(k == x or k.startswith(x + ".") for x in HASH_EXCLUDE)]
         return {k: [a.get(k), b[k]] for k in keep if a.get(k) != b[k]}

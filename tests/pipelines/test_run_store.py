@@ -199,3 +199,25 @@ def test_rounds_continue_from_the_last_kept_or_the_best_round(tmp_path, continue
     assert (store.pointer("best"), store.pointer("latest"), store.pointer("head")) == (4, 4, 4)
     promote(store, 5, {"promote": False, "degraded": False, "reason": "no new adapter (training skipped)"})
     assert store.pointer("head") == 4 and store.pointer("latest") == 5  # no new model: the chain stays
+
+
+def test_a_schema_that_grew_a_field_reopens_the_run_without_force(tmp_path, cfg):
+    # A run made before a config field existed hashes differently under today's schema (the new field
+    # at its default is now part of the tree) but is the same experiment: it resumes, recorded as such.
+    import json
+
+    store = RunStore(str(tmp_path), "r1")
+    store.init(cfg)
+    manifest_path = tmp_path / "r1" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["config_hash"] = "0123456789abcdef"  # what the older schema's tree hashed to
+    manifest_path.write_text(json.dumps(manifest))
+    reopened = store.init(cfg)
+    assert reopened["config_history"][-1]["schema_only"] is True and not reopened["config_history"][-1]["forced"]
+    manifest["config_hash"] = "0123456789abcdef"  # and a real change is still refused
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(RunStoreError, match="train.lr"):
+        store.init(load_config(None, ["train.lr=1e-3"]))
+    (tmp_path / "r1" / "config.yaml").write_text("no_such_section: {}\n")  # an old config that no longer parses
+    with pytest.raises(RunStoreError, match="see config.yaml"):
+        store.init(cfg)
