@@ -155,19 +155,18 @@ class RunStore:
         else:
             manifest = self.manifest()
             old_hash = manifest["config_hash"]
-            changed = self._config_diff(cfg) if old_hash != new_hash else {}
-            if old_hash != new_hash and changed == {}:  # same settings, grown schema (a new field at its default)
-                manifest["config_history"].append(
-                    {"hash": new_hash, "at": session["at"], "forced": False, "schema_only": True})
-                manifest["config_hash"] = new_hash
-            elif old_hash != new_hash:
-                if not force:
+            if old_hash != new_hash:
+                changed = self._config_diff(cfg)
+                if changed == {}:  # the same settings under a grown schema (a new field at its default)
+                    entry = {"forced": False, "schema_only": True}
+                elif not force:
                     raise RunStoreError(
                         f"run {self.uri!r} was created with config hash {old_hash}, but this config "
                         f"hashes to {new_hash} (changed: {_show_changes(changed or {})}). Use another "
                         "run.name, or run.force=true to reuse it (existing data is kept).")
-                manifest["config_history"].append(
-                    {"hash": new_hash, "at": session["at"], "forced": True, "changed": changed or {}})
+                else:
+                    entry = {"forced": True, "changed": changed or {}}
+                manifest["config_history"].append({"hash": new_hash, "at": session["at"], **entry})
                 manifest["config_hash"] = new_hash
         manifest["sessions"].append(session)
         text = dump_config(cfg).encode()

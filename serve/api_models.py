@@ -350,3 +350,17 @@ def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
         return [sub(v) for v in node] if isinstance(node, list) else node
 
     return sub(schema)
+
+
+ERRORS = {code: {"model": ErrorBody, "description": why} for code, why in (
+    (400, "malformed JSON"), (401, "missing or wrong API key"), (408, "body not received in time"),
+    (413, "body or image too large"), (415, "not application/json"), (422, "a field missing, mistyped, out of "
+    "range or unknown (`field` names it)"), (500, "internal error (the cause is in the server log)"),
+    (503, "the round's adapter cannot be loaded"))}
+
+
+def documented(request_model: type[BaseModel]) -> dict[str, Any]:
+    """FastAPI route kwargs for the OpenAPI page: the request body schema (the body itself is read and
+    checked by serve/validation.py, so its 4xx answers keep their one shape) and the error answers."""
+    return {"responses": ERRORS, "openapi_extra": {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": inline_schema(request_model)}}}}}

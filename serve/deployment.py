@@ -60,9 +60,9 @@ from ray import serve
 
 from models.loading import load_model
 from models.lora import AdapterSet
-from serve.api_models import (ChatCompletion, ChatCompletionRequest, ErrorBody, GenerationRequest,
+from serve.api_models import (ERRORS, ChatCompletion, ChatCompletionRequest, GenerationRequest,
                               GenerationResponse, HealthResponse, JudgeRequest, JudgeResponse, ModelList,
-                              inline_schema)
+                              documented)
 from serve.settings import ServerSettings
 from serve.contradictions import ContradictionLog, contradiction_row, open_run
 from serve.chat import chat_response, models_response, parse_chat
@@ -75,22 +75,9 @@ POINTER_TTL_S = 10.0  # how stale the default round may be after the driver prom
 MAX_ROUNDS_PER_REPLICA = 8
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "SHA256SUMS")
 
-# The contract is documented by the code: GET /openapi.json (and the /docs page) is generated from the
-# pydantic models of serve/api_models.py, the ones the routes validate with and answer in.
+# /openapi.json and /docs come from serve/api_models.py: the models the routes check with and answer in.
 api = FastAPI(title="unigap", version="1", docs_url="/docs", redoc_url=None, openapi_url="/openapi.json",
               description="Generate, judge and ask about images with a unigap run's model (serve/app.py).")
-ERRORS = {code: {"model": ErrorBody, "description": why} for code, why in (
-    (400, "malformed JSON"), (401, "missing or wrong API key"), (408, "body not received in time"),
-    (413, "body or image too large"), (415, "not application/json"), (422, "a field missing, mistyped, out of "
-    "range or unknown (`field` names it)"), (500, "internal error (the cause is in the server log)"),
-    (503, "the round's adapter cannot be loaded"))}
-
-
-def _documented(request_model) -> dict:
-    """Route kwargs: the request body schema (the body is read and checked by serve/validation.py, so
-    its 4xx answers keep their one shape) and the error answers."""
-    return {"responses": ERRORS, "openapi_extra": {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": inline_schema(request_model)}}}}}
 
 
 @api.exception_handler(RequestError)
@@ -246,7 +233,7 @@ class UnigapServer:
             raise RequestError(408, f"request body not received within {self.s.body_timeout_s:g} s", "body") from None
         return parse_json_body(request.headers.get("content-type"), body)
 
-    @api.post("/v1/images/generations", response_model=GenerationResponse, **_documented(GenerationRequest))
+    @api.post("/v1/images/generations", response_model=GenerationResponse, **documented(GenerationRequest))
     async def generate(self, request: Request) -> GenerationResponse:
         req = parse_generation(await self._body(request), self.limits, request.headers.get(MULTIPLEX_HEADER))
         round_ = self._resolve_round(req.round)
@@ -269,7 +256,7 @@ class UnigapServer:
         self._rounds = self._list_rounds()
         return models_response(sorted(self._rounds))
 
-    @api.post("/v1/chat/completions", response_model=ChatCompletion, **_documented(ChatCompletionRequest))
+    @api.post("/v1/chat/completions", response_model=ChatCompletion, **documented(ChatCompletionRequest))
     async def chat(self, request: Request) -> ChatCompletion:
         """OpenAI-compatible: one question about one image, answered by the understanding branch
         (serve/chat.py). Not batched across requests: each answer is a short greedy decode."""
@@ -287,7 +274,7 @@ class UnigapServer:
         p_yes = model.p_yes([req.image], [req.question], system=req.system)[0] if req.logprobs else None
         return answer, p_yes
 
-    @api.post("/v1/judge", response_model=JudgeResponse, **_documented(JudgeRequest))
+    @api.post("/v1/judge", response_model=JudgeResponse, **documented(JudgeRequest))
     async def judge(self, request: Request) -> JudgeResponse:
         req = parse_judge(await self._body(request), self.limits, request.headers.get(MULTIPLEX_HEADER))
         job = JudgeJob(req.prompt, req.image, self._resolve_round(req.round))

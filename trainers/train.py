@@ -59,10 +59,7 @@ STATE_FILE = "train_state.pt"
 
 @dataclass
 class TrainArgs:
-    """Everything one `train_adapter` call needs: the trainer's own interface (trainers/ does not import
-    pipelines/), filled from `pipelines.config.TrainSection` (+ model) by `pipelines.improve.train_args`.
-    Defaults equal the config's (tests/pipelines/test_config_tree.py checks it), so a caller that
-    omits a field gets what a run would use."""
+    """One `train_adapter` call's arguments, from `improve.train_args`; defaults = the config's (tested)."""
 
     objective: str = "sft"
     """"sft": maximise log p(image tokens | prompt) of accepted rows; "dpo": preference pairs."""
