@@ -9,11 +9,14 @@ and on any run store (local, s3://, gs://). W&B groups the same runs online (`wa
 
 `--arm NAME=DIR,DIR...` (repeated) pools each arm's runs instead: per held-out prompt the mean of
 the arm's last rounds, against the shared base model and against each other arm, paired bootstrap
-CIs over prompts, by the oracle and by the second verdict (`pooled`).
+CIs over prompts, by the oracle and by the second verdict (`pooled`). `--split validation` pools the
+validation slice instead (training-distribution prompts never trained on, `eval.validation_prompts`,
+oracle verdict only): the numbers to choose a recipe on, leaving the held-out ones for the claim.
 
 Example:
     $ unigap compare runs/own-s0 runs/oracle-s0 runs/random-s0 --out runs/compare.md
     $ unigap compare --arm own=runs/own-s0,runs/own-s1,runs/own-s2 --arm random=runs/random-s0
+    $ unigap compare --split validation --arm lr2e-4=runs/a-s0,runs/a-s1 --arm lr4e-4=runs/b-s0,runs/b-s1
 """
 
 from __future__ import annotations
@@ -125,24 +128,39 @@ def gain_plot(runs: list[list[dict]]) -> bytes:
     return _save(fig, plt)
 
 
-def per_prompt(run_dir: str, round_: Optional[int] = None, verdict: str = "external_verdict") -> "pd.Series":
-    """Held-out accuracy per prompt (mean of `verdict` over its images) at `round_` (None = the run's
-    last evaluated round), indexed by prompt_id."""
-    from pipelines.store import RunStore
+SPLITS = {"heldout": "samples", "validation": "validation"}  # split -> the evaluate stage's table
+
+
+def per_prompt(run_dir: str, round_: Optional[int] = None, verdict: str = "external_verdict",
+               split: str = "heldout") -> "pd.Series":
+    """Generation accuracy per prompt (mean of `verdict` over its images) at `round_` (None = the
+    run's last evaluated round), indexed by prompt_id, on the held-out prompts or the validation
+    slice."""
+    from pipelines.store import RunStore, RunStoreError
 
     root, name = os.path.split(run_dir.rstrip("/"))
     store = RunStore(root or ".", name)
+    if not store.exists():
+        raise ValueError(f"{run_dir}: not a run dir (no manifest.json)")
     if round_ is None:
         round_ = max(int(k) for k in store.manifest()["rounds"] if store.stage_info(int(k), "evaluate"))
-    samples = store.read_table(round_, "evaluate", "samples").to_pandas()
-    gen = samples[samples["kind"] == "generation"]
-    return gen.groupby("prompt_id")[verdict].apply(lambda v: v.astype(float).mean())
+    try:
+        rows = store.read_table(round_, "evaluate", SPLITS[split]).to_pandas()
+    except RunStoreError:
+        why = " (it ran with eval.validation_prompts=0)" if split == "validation" else ""
+        raise ValueError(f"{run_dir}: round {round_} has no {split} rows{why}") from None
+    if "kind" in rows:
+        rows = rows[rows["kind"] == "generation"]
+    if verdict not in rows:
+        raise ValueError(f"{run_dir}: the {split} rows have no {verdict}")
+    return rows.groupby("prompt_id")[verdict].apply(lambda v: v.astype(float).mean())
 
 
-def pooled(arms: dict[str, list[str]], verdict: str = "external_verdict", seed: int = 0) -> str:
+def pooled(arms: dict[str, list[str]], verdict: str = "external_verdict", seed: int = 0,
+           split: str = "heldout") -> str:
     """Each arm's runs pooled at their last rounds (per prompt: the mean over the arm's runs) against
     the base model (round 0 of the first run; every run shares it), and every pair of arms against
-    each other: differences in points with a paired bootstrap 95% CI over the held-out prompts."""
+    each other: differences in points with a paired bootstrap 95% CI over the `split` prompts."""
     import itertools
 
     import pandas as pd
@@ -150,15 +168,15 @@ def pooled(arms: dict[str, list[str]], verdict: str = "external_verdict", seed: 
     from pipelines.stats import paired_bootstrap
 
     first = next(iter(arms.values()))[0]
-    base = per_prompt(first, 0, verdict)
-    means = {arm: pd.concat([per_prompt(d, None, verdict) for d in dirs], axis=1).mean(axis=1)
+    base = per_prompt(first, 0, verdict, split)
+    means = {arm: pd.concat([per_prompt(d, None, verdict, split) for d in dirs], axis=1).mean(axis=1)
              for arm, dirs in arms.items()}
     lines = []
     for arm, m in means.items():
         common = m.index.intersection(base.index)
         d, lo, hi = paired_bootstrap(m[common], base[common], seed=seed)
         lines.append(f"{arm:<10} {verdict:<17} runs={len(arms[arm])}: {100 * d:+.1f} [{100 * lo:+.1f}, "
-                     f"{100 * hi:+.1f}] points vs base ({len(common)} prompts)")
+                     f"{100 * hi:+.1f}] points vs base ({len(common)} {split} prompts)")
     for a, b in itertools.combinations(means, 2):
         common = means[a].index.intersection(means[b].index)
         d, lo, hi = paired_bootstrap(means[a][common], means[b][common], seed=seed)
@@ -187,8 +205,12 @@ def _cmd(args) -> int:
             if not name or not dirs:
                 raise SystemExit(f"--arm wants NAME=RUN_DIR[,RUN_DIR...], got {spec!r}")
             arms.setdefault(name, []).extend(d for d in dirs.split(",") if d)
-        for verdict in ("external_verdict", "second_verdict"):
-            print(pooled(arms, verdict))
+        verdicts = ("external_verdict", "second_verdict") if args.split == "heldout" else ("external_verdict",)
+        try:
+            for verdict in verdicts:
+                print(pooled(arms, verdict, split=args.split))
+        except ValueError as e:
+            raise SystemExit(f"unigap compare: {e}") from None
         return 0
     if not args.runs:
         raise SystemExit("unigap compare: give run dirs, or --arm NAME=RUN_DIR[,RUN_DIR...]")
@@ -202,5 +224,8 @@ def add_cli(sub) -> None:
     p.add_argument("--arm", action="append", default=[],
                    help="NAME=RUN_DIR[,RUN_DIR...]: pool an arm's runs (seeds) at their last rounds and print "
                         "paired gains vs base and between arms, by both verdicts (repeat per arm)")
+    p.add_argument("--split", choices=sorted(SPLITS), default="heldout",
+                   help="with --arm: pool the held-out prompts (the claim) or the validation slice "
+                        "(eval.validation_prompts: choose recipe settings on this)")
     p.add_argument("--out", default="compare.md", help="markdown file to write (a PNG is written beside it)")
     p.set_defaults(func=_cmd)

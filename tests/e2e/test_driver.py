@@ -125,6 +125,20 @@ def test_compare_tables_the_finished_run_with_paired_gains(finished, tmp_path):
     assert "a - b (external_verdict): +0.0 [+0.0, +0.0] points" in lines and len(lines) == 6
     bad = unigap("compare", "--arm", "nodirs", timeout=120)
     assert bad.returncode != 0 and "NAME=RUN_DIR" in bad.stderr
+    # the validation slice pools the same way, from its own rows (chosen on, never trained on)
+    import pyarrow.parquet as pq
+
+    val = pq.read_table(run_dir / "round_2" / "evaluate" / "validation.parquet").to_pandas()
+    val0 = pq.read_table(run_dir / "round_0" / "evaluate" / "validation.parquet").to_pandas()
+    per = lambda f: f.groupby("prompt_id")["external_verdict"].mean()  # noqa: E731
+    want = 100 * (per(val) - per(val0)).mean()
+    v = unigap("compare", "--split", "validation", "--arm", f"a={run_dir}", "--arm", f"b={run_dir}", timeout=300)
+    assert v.returncode == 0, v.stderr[-3000:]
+    lines = v.stdout.splitlines()
+    assert len(lines) == 3 and lines[0].startswith("a ") and f"runs=1: {want:+.1f} [" in lines[0], lines
+    assert lines[0].endswith("(2 validation prompts)") and "second_verdict" not in v.stdout
+    missing = unigap("compare", "--split", "validation", "--arm", f"a={tmp_path / 'nothing'}", timeout=120)
+    assert missing.returncode != 0 and "not a run dir" in missing.stderr
 
 
 def test_resume_after_sigkill_gives_the_same_manifest(finished, tmp_path):
