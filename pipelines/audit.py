@@ -232,11 +232,12 @@ class AuditDecision:
     degraded: bool
     reason: str
     best_round: int
-    metric: str
-    value: Optional[float]
-    best_value: Optional[float]
-    delta: Optional[float]
+    metric: str = ""
+    value: Optional[float] = None
+    best_value: Optional[float] = None
+    delta: Optional[float] = None
     round: int = 0
+    """The round whose new model was audited (a round that trained nothing audits no new model)."""
     tolerance: float = 0.0
     co_degraded: bool = False
     """Degraded externally while the internal gap (Nonunified) shrank: the paper's warning sign."""

@@ -21,48 +21,18 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
 
 from pipelines import improve, rounds
 from pipelines.config import Config, load_config
+from pipelines.results import RoundRecord
+from pipelines.rounds import Ctx
 from pipelines.store import RunStore
 
 log = logging.getLogger("unigap")
 STAGES = ("generate", "judge", "pool", "train", "evaluate", "audit", "promote")
 
 
-@dataclass
-class Ctx:
-    """What every stage of a run needs."""
-
-    cfg: Config
-    store: RunStore
-    tracker: Any
-    prompts: list[dict]
-    heldout: list[dict]
-    validation: list[dict] = field(default_factory=list)  # eval.validation_prompts, never trained on
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def stage(self, k: int, name: str, compute: Callable[[], Any]) -> Any:
-        """Run (or resume) one stage via `rounds.run_stage`, timed, with one console line."""
-        t0 = time.perf_counter()
-        resumed = self.store.is_done(k, name)
-
-        def timed():
-            result, info = compute()
-            info["seconds"] = round(time.perf_counter() - t0, 3)
-            return result, info
-
-        result = rounds.run_stage(self.store, k, name, timed)
-        info = self.store.stage_info(k, name)
-        self.timings[f"time/{name}"] = info.get("seconds", 0.0)
-        print(rounds.progress(k, name, info, resumed=resumed), flush=True)
-        return result
-
-
-def run_round(ctx: Ctx, k: int) -> dict:
+def run_round(ctx: Ctx, k: int) -> RoundRecord:
     """One self-improvement round on one screen: improve the start model, audit, promote."""
     cfg, store = ctx.cfg, ctx.store
     start = improve.start_model(store, cfg)  # the model this round improves (0 = base; audit.continue_from)
@@ -75,13 +45,13 @@ def run_round(ctx: Ctx, k: int) -> dict:
     evaluated = ctx.stage(k, "evaluate", lambda: improve.evaluate(ctx, k, trained))
     decision = ctx.stage(k, "audit", lambda: improve.audit(ctx, k, evaluated))
     ctx.stage(k, "promote", lambda: improve.promote(store, k, decision))
-    metrics = {**evaluated["metrics"], **improve.round_metrics(k, judged, pooled, trained, decision, ctx.timings)}
+    metrics = {**evaluated.metrics, **improve.round_metrics(k, judged, pooled, trained, decision, ctx.timings)}
     ctx.tracker.log_round(k, metrics)
-    ctx.tracker.log_samples(k, evaluated["samples"])
-    ctx.tracker.log_train_curve(k, improve.train_curve(store, trained.get("adapter_round")))
-    if decision["degraded"]:
-        ctx.tracker.flag(k, decision["reason"])
-    return {"round": k, "start": start, "decision": decision, "metrics": metrics}
+    ctx.tracker.log_samples(k, evaluated.samples)
+    ctx.tracker.log_train_curve(k, improve.train_curve(store, trained.adapter_round))
+    if decision.degraded:
+        ctx.tracker.flag(k, decision.reason)
+    return RoundRecord(k, start, decision, metrics)
 
 
 def run(cfg: Config) -> dict:
@@ -99,14 +69,14 @@ def run(cfg: Config) -> dict:
 
     ctx = Ctx(cfg, store, Tracker(cfg, store), *prompt_sets)
     history = [improve.evaluate_base(ctx)]
-    ctx.tracker.log_round(0, history[0]["metrics"])
+    ctx.tracker.log_round(0, history[0].metrics)
     for k in range(1, cfg.run.rounds + 1):
-        result = run_round(ctx, k)
-        history.append(result)
-        if result["decision"]["degraded"] and cfg.audit.on_degradation == "stop":
-            print(f"[round {k}] co-degradation: stopping ({result['decision']['reason']})", flush=True)
+        record = run_round(ctx, k)
+        history.append(record)
+        if record.decision.degraded and cfg.audit.on_degradation == "stop":
+            print(f"[round {k}] co-degradation: stopping ({record.decision.reason})", flush=True)
             break
-    write_report(ctx.store, history)  # runs/<run>/report.md: metrics plot, before/after grid
+    write_report(ctx.store, [r.as_dict() for r in history])  # runs/<run>/report.md: metrics plot, before/after grid
     ctx.tracker.finish()
     return store.manifest()
 

@@ -10,7 +10,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import posixpath
@@ -21,7 +20,10 @@ from typing import Any, Optional
 import pandas as pd
 import pyarrow.fs as pafs
 
+from pipelines.audit import AuditDecision
 from pipelines.config import Config, derive_seed
+from pipelines.results import Evaluated, Pooled, Promoted, RoundRecord, Trained
+from pipelines.rounds import Ctx, adapter_path
 from pipelines.store import RunStore
 
 
@@ -73,16 +75,16 @@ def _ref_logprobs(cfg: Config, adapter: Optional[str], pairs: list[dict]) -> lis
                                    **loss_distribution(cfg))
 
 
-def train(ctx, k: int, pooled: dict, adapter: Optional[str]):
+def train(ctx: Ctx, k: int, pooled: Pooled, adapter: Optional[str]) -> tuple[Trained, dict]:
     """LoRA post-training on the round's SFT set or DPO pairs; starts from the round's start adapter."""
     from trainers.train import train_adapter
 
     cfg, store = ctx.cfg, ctx.store
     key = "sft" if cfg.train.objective == "sft" else "pairs"
-    rows = pooled[key]
+    rows = getattr(pooled, key)
     if len(rows) < cfg.train.num_workers:
         reason = f"{len(rows)} {key} rows for {cfg.train.num_workers} workers: nothing to train on"
-        return {"adapter_round": None, "metrics": {}}, {"skipped": reason, "rows": len(rows)}
+        return Trained(None), {"skipped": reason, "rows": len(rows)}
     rows = rows.to_dict("records")
     if cfg.train.objective == "dpo":  # reference log-probs once, before training: no resident reference model
         rows = _ray_task(cfg, _ref_logprobs, cfg, adapter, rows)
@@ -97,7 +99,7 @@ def train(ctx, k: int, pooled: dict, adapter: Optional[str]):
                         destination_filesystem=store.fs)
     final = {f"train/{m}": float(v) for m, v in result.metrics.items() if isinstance(v, (int, float))}
     info = {"rows": len(rows), "steps": len(result.history), "loss": final.get("train/loss", float("nan"))}
-    return {"adapter_round": k, "metrics": final}, info
+    return Trained(k, final), info
 
 
 # ------------------------------------------------------------------ evaluate
@@ -168,18 +170,15 @@ def start_model(store: RunStore, cfg: Config) -> int:
     return best if cfg.audit.continue_from == "best" or head is None else head
 
 
-def evaluate(ctx, k: int, trained: dict):
+def evaluate(ctx: Ctx, k: int, trained: Trained) -> tuple[Evaluated, dict]:
     """Held-out metrics of the round's model (the new adapter; the start model if training skipped)."""
-    from pipelines.rounds import adapter_path
-
     start = start_model(ctx.store, ctx.cfg)
-    model_round = trained.get("adapter_round") or start
+    model_round = trained.adapter_round or start
     base = ctx.store.read_table(0, "evaluate", "pairs").to_pandas() if k else None
     out, val = evaluate_model(ctx.cfg, adapter_path(ctx.store, model_round), ctx.heldout, base, ctx.validation)
     metrics = {**out.metrics, **_paired_gains(ctx.store, k, start, out.samples)}
-    result = {"metrics": metrics, "model_round": model_round, "samples": out.samples, "pairs": out.pairs}
+    result = Evaluated(metrics, model_round, out.samples, out.pairs, val)
     if val is not None:
-        result["validation"] = val
         if k:  # paired with the base model's validation rows (same prompts, same seeds)
             from pipelines.evaluate import paired_gain
 
@@ -209,15 +208,14 @@ def _paired_gains(store: RunStore, k: int, start: int, samples) -> dict[str, flo
     return out
 
 
-def evaluate_base(ctx) -> dict:
+def evaluate_base(ctx: Ctx) -> RoundRecord:
     """Round 0: the base model's held-out metrics; it is the first `best`."""
-    evaluated = ctx.stage(0, "evaluate", lambda: evaluate(ctx, 0, {"adapter_round": None}))
+    evaluated = ctx.stage(0, "evaluate", lambda: evaluate(ctx, 0, Trained(None)))
     if ctx.store.pointer("best") is None:
         for name in ("best", "latest", "head"):
             ctx.store.set_pointer(name, 0)
-    ctx.tracker.log_samples(0, evaluated["samples"])
-    return {"round": 0, "start": None, "decision": {"promote": True, "degraded": False, "reason": "base model"},
-            "metrics": evaluated["metrics"]}
+    ctx.tracker.log_samples(0, evaluated.samples)
+    return RoundRecord(0, None, AuditDecision(True, False, "base model", 0), evaluated.metrics)
 
 
 def train_curve(store: RunStore, round_: Optional[int]) -> list[dict]:
@@ -233,48 +231,49 @@ def train_curve(store: RunStore, round_: Optional[int]) -> list[dict]:
 
 
 # ------------------------------------------------------------------ audit / promote
-def audit(ctx, k: int, evaluated: dict):
+def audit(ctx: Ctx, k: int, evaluated: Evaluated) -> tuple[AuditDecision, dict]:
     """Compare with the best promoted round by the external metric; flag co-degradation."""
     from pipelines.audit import audit_vs_best as decide
 
     store = ctx.store
     best = store.pointer("best") or 0
     best_metrics = store.stage_info(best, "evaluate")["result"]["metrics"]
-    if evaluated["model_round"] != k:  # training was skipped: there is no new model to promote
-        decision = {"promote": False, "degraded": False, "reason": "no new adapter (training skipped)",
-                    "best_round": best}
+    if evaluated.model_round != k:  # training was skipped: there is no new model to promote
+        decision = AuditDecision(False, False, "no new adapter (training skipped)", best, ctx.cfg.audit.metric,
+                                 round=evaluated.model_round or 0)
     else:
-        decision = dataclasses.asdict(decide(best, best_metrics, k, evaluated["metrics"], ctx.cfg.audit))
-    info = {"decision": "promote" if decision["promote"] else ("degraded" if decision["degraded"] else "keep")}
+        decision = decide(best, best_metrics, k, evaluated.metrics, ctx.cfg.audit)
+    info = {"decision": "promote" if decision.promote else ("degraded" if decision.degraded else "keep")}
     return decision, info
 
 
-def promote(store: RunStore, k: int, decision: dict):
+def promote(store: RunStore, k: int, decision: AuditDecision) -> tuple[Promoted, dict]:
     """Move `latest` to k; `best` only when the audit says so (a worse round is never promoted);
     `head` (audit.continue_from=last_kept) when round k made a new model that was not degraded."""
     store.set_pointer("latest", k)
-    if decision["promote"]:
+    if decision.promote:
         store.set_pointer("best", k)
-    if decision.get("round") == k and not decision["degraded"]:
+    if decision.round == k and not decision.degraded:
         store.set_pointer("head", k)
     best, head = store.pointer("best"), store.pointer("head")
-    return {"best": best, "head": head}, {"best": best, "head": head}
+    return Promoted(best, head), {"best": best, "head": head}
 
 
-def round_metrics(k: int, judged, pooled: dict, trained: dict, decision: dict, timings: dict) -> dict[str, Any]:
+def round_metrics(k: int, judged: pd.DataFrame, pooled: Pooled, trained: Trained, decision: AuditDecision,
+                  timings: dict) -> dict[str, Any]:
     """Per-round scalars for W&B and the report, besides the evaluation's own."""
     from pipelines.pools import nonunified_score
 
-    counts = pooled["data"]["pool"].value_counts()
+    counts = pooled.data["pool"].value_counts()
     own = nonunified_score(judged).to_metrics()
     out = {f"train_set/{name}": int(counts.get(name, 0)) for name in ("accepted", "rejected", "uncertain")}
     out.update({f"train_set/{m}": v for m, v in own.items()})
-    out.update(trained.get("metrics", {}))
+    out.update(trained.metrics)
     seconds = {name: timings.get(f"time/{name}", 0.0) for name in ("generate", "train")}
     if seconds["generate"] > 0:
         out["throughput/generate_rows_per_s"] = len(judged) / seconds["generate"]
     if seconds["train"] > 0 and "train/step" in out:
         out["throughput/train_steps_per_s"] = out["train/step"] / seconds["train"]
-    out.update({"audit/degraded": float(decision["degraded"]), "audit/promote": float(decision["promote"])})
+    out.update({"audit/degraded": float(decision.degraded), "audit/promote": float(decision.promote)})
     out.update(timings)
     return out

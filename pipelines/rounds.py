@@ -3,10 +3,9 @@
 Where it fits: `pipelines/driver.py` reads as the list of stages; this module holds what the data
 stages do (prompts, generate, judge, pool), `pipelines/improve.py` the model stages (train, evaluate,
 audit, promote); improve imports from here, never the other way round. Every stage function
-returns `(result, info)`: `result` is a DataFrame or a dict whose
-DataFrame values become Parquet tables of the stage and whose other values must be JSON-able;
-`info` is the small summary kept in the manifest. `save_stage` / `load_stage` persist and restore
-exactly that, so a resumed run sees the same values as an uninterrupted one.
+returns `(result, info)`: `result` is a DataFrame of rows or a typed result (`pipelines.results`),
+`info` the small summary kept in the manifest. `Ctx.stage` runs a stage once (`run_stage`: resumed
+from the store when it is done) with one console line (`progress`).
 
 Example (round k's prompts are `round_prompts(ctx, k)`: a rotating slice plus the curriculum's replay):
     >>> ps = [{"prompt_id": f"p{i}", "prompt": f"prompt {i}", "category": "c"} for i in range(5)]
@@ -20,13 +19,15 @@ Example (round k's prompts are `round_prompts(ctx, k)`: a rotating slice plus th
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import pandas as pd
 import pyarrow.fs as pafs
 
 from pipelines import pools as P
-from pipelines import stages
+from pipelines import results, stages
 from pipelines.config import Config, derive_seed
 from pipelines.prompts import load_prompts
 from pipelines.store import RunStore
@@ -35,12 +36,38 @@ TABLES_KEY, RESULT_KEY = "tables", "result"
 VALIDATION_SEED = 0  # which training prompts form the validation slice (eval.validation_prompts)
 
 
-# ------------------------------------------------------------------ persistence of stage results
+# ------------------------------------------------------------------ running and persisting stages
+@dataclass
+class Ctx:
+    """What every stage of a run needs."""
+
+    cfg: Config
+    store: RunStore
+    tracker: Any
+    prompts: list[dict]
+    heldout: list[dict]
+    validation: list[dict] = field(default_factory=list)  # eval.validation_prompts, never trained on
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def stage(self, k: int, name: str, compute: Callable[[], tuple[Any, dict]]) -> Any:
+        """Run (or resume) one stage via `run_stage`, timed, with one console line."""
+        t0 = time.perf_counter()
+        resumed = self.store.is_done(k, name)
+
+        def timed():
+            result, info = compute()
+            info["seconds"] = round(time.perf_counter() - t0, 3)
+            return result, info
+
+        result = run_stage(self.store, k, name, timed)
+        info = self.store.stage_info(k, name)
+        self.timings[f"time/{name}"] = info.get("seconds", 0.0)
+        print(progress(k, name, info, resumed=resumed), flush=True)
+        return result
+
+
 def save_stage(store: RunStore, k: int, name: str, result: Any, info: dict) -> None:
-    tables, values = {}, {}
-    items = {"data": result} if isinstance(result, pd.DataFrame) else dict(result or {})
-    for key, value in items.items():
-        (tables if isinstance(value, pd.DataFrame) else values)[key] = value
+    tables, values = results.to_store(result)
     store.clear_stage(k, name)  # an earlier crashed attempt leaves nothing behind
     for key, df in tables.items():
         store.write_table(k, name, df, name=key)
@@ -50,14 +77,12 @@ def save_stage(store: RunStore, k: int, name: str, result: Any, info: dict) -> N
 def load_stage(store: RunStore, k: int, name: str) -> Any:
     info = store.stage_info(k, name)
     tables = {t: store.read_table(k, name, t).to_pandas() for t in info.get(TABLES_KEY, [])}
-    if list(tables) == ["data"] and not info.get(RESULT_KEY):
-        return tables["data"]
-    return {**info.get(RESULT_KEY, {}), **tables}
+    return results.from_store(name, tables, info.get(RESULT_KEY, {}))
 
 
 def run_stage(store: RunStore, k: int, name: str, compute) -> Any:
-    """Resumable stage without the driver's bookkeeping: the stored result when `name` is done,
-    else `compute()` -> (result, info), saved and marked done (a crash before that leaves no mark)."""
+    """The stored result when stage `name` of round k is done, else `compute()` -> (result, info),
+    saved and marked done (a crash before that leaves no mark)."""
     if store.is_done(k, name):
         return load_stage(store, k, name)
     result, info = compute()
@@ -138,7 +163,7 @@ def read_prompt_sets(cfg: Config) -> tuple[list[dict], list[dict], dict]:
     return train_rows, heldout, report.as_dict()
 
 
-def round_prompts(ctx, k: int) -> list[dict]:
+def round_prompts(ctx: Ctx, k: int) -> list[dict]:
     """Round k's prompts: a rotating slice of the training prompts, plus (curriculum, Algorithm 2)
     earlier rounds' discard-pool prompts not admitted since, replayed with the current model."""
     cfg, prompts = ctx.cfg, ctx.prompts
@@ -259,7 +284,7 @@ def judge(cfg: Config, samples: pd.DataFrame, k: int, adapter: Optional[str]):
                 "corrupt": cfg.judge.corrupt}
 
 
-def pool(ctx, k: int, judged: pd.DataFrame, prompts: list[dict]):
+def pool(ctx: Ctx, k: int, judged: pd.DataFrame, prompts: list[dict]) -> tuple[results.Pooled, dict]:
     """Pools, human labels (if `labels/round_<k>.csv|parquet` exists), training sets, review export."""
     from pipelines.review import apply_labels, export_review, import_labels
 
@@ -282,7 +307,5 @@ def pool(ctx, k: int, judged: pd.DataFrame, prompts: list[dict]):
             "pairs": len(pairs), "replayed": len(replayed), "admitted": len(replayed & set(accepted_ids))}
     sft = P.sft_set(pooled, cfg.pools.sft_select, cfg.pools.best_of_n_keep_above, cfg.pools.category_cap)
     info["sft_rows"] = len(sft)
-    result = {"data": pooled, "sft": sft, "pairs": pairs, "discard": discard,
-              "accepted_prompt_ids": accepted_ids}
-    return result, info
+    return results.Pooled(pooled, sft, pairs, discard, accepted_ids), info
 

@@ -13,7 +13,7 @@ import pytest
 
 PURE = ["pipelines.stats", "pipelines.config", "pipelines.schemas", "pipelines.pools", "pipelines.store",
         "pipelines.prompts", "pipelines.http_judge", "pipelines.audit", "pipelines.review", "pipelines.shapes_checks",
-        "pipelines.rounds", "models.seeds",
+        "pipelines.rounds", "pipelines.results", "models.seeds",
         "serve.validation", "serve.api_models", "serve.chat", "serve.settings"]
 
 

@@ -28,7 +28,7 @@ def test_labels_file_overrides_the_judge(tmp_path):
     assert (info["accepted"], info["discarded_prompts"], info["admitted"]) == (1, 1, 0)
     store.write_bytes("labels/round_1.csv", b"prompt_id,sample_index,label\np2,1,1\n")
     result, info = pool(ctx, 1, pd.DataFrame(judged_rows()), prompts)
-    row = result["data"].set_index(["prompt_id", "sample_index"]).loc[("p2", 1)]
+    row = result.data.set_index(["prompt_id", "sample_index"]).loc[("p2", 1)]
     assert row["pool"] == "accepted" and row["label_source"] == "human"
     assert (info["accepted"], info["discarded_prompts"], info["admitted"]) == (2, 0, 1)
-    assert result["accepted_prompt_ids"] == ["p1", "p2"]
+    assert result.accepted_prompt_ids == ["p1", "p2"]

@@ -1,0 +1,122 @@
+"""Typed stage results: what each stage of a round hands the next, and how it is stored.
+
+Where it fits: the driver's stages (`pipelines.rounds`, `pipelines.improve`) return `(result, info)`.
+The generate and judge stages' result is a DataFrame of rows; the later stages return one of the
+small dataclasses below (the audit's is `pipelines.audit.AuditDecision`). `save` / `load` turn a
+result into the run store's form and back: fields marked `table()` become Parquet tables of the
+stage, every other field must be JSON-able and is kept in the manifest under `info["result"]`, so a
+resumed run sees the same values as an uninterrupted one. Run dirs written when the results were
+plain dicts load unchanged (the field names are the dicts' keys).
+
+Example:
+    >>> import pandas as pd
+    >>> tables, values = to_store(Trained(adapter_round=3, metrics={"train/loss": 0.5}))
+    >>> tables, values
+    ({}, {'adapter_round': 3, 'metrics': {'train/loss': 0.5}})
+    >>> from_store("train", tables, values)
+    Trained(adapter_round=3, metrics={'train/loss': 0.5})
+    >>> df = pd.DataFrame({"x": [1]})
+    >>> sorted(to_store(df)[0]), from_store("generate", {"data": df}, {}) is df
+    (['data'], True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import pandas as pd
+
+from pipelines.audit import AuditDecision
+
+
+def table(optional: bool = False) -> Any:
+    """A DataFrame field: stored as `<stage>/<name>.parquet`; optional ones may be None (no table)."""
+    return field(default=None, metadata={"table": True}) if optional else field(metadata={"table": True})
+
+
+@dataclass
+class Pooled:
+    """The pool stage: every judged row with its pool, and the training sets built from them."""
+
+    data: pd.DataFrame = table()  # judged rows + pool, label_source (human labels applied)
+    sft: pd.DataFrame = table()  # rejection-sampling SFT rows (pools.sft_select)
+    pairs: pd.DataFrame = table()  # DPO pairs (chosen = accepted, rejected = rejected, same prompt)
+    discard: pd.DataFrame = table()  # prompts with no accepted sample (the curriculum replays them)
+    accepted_prompt_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Trained:
+    """The train stage: the round's adapter (None when there was nothing to train on) and its metrics."""
+
+    adapter_round: Optional[int]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Evaluated:
+    """The evaluate stage: held-out metrics (and paired gains) of the model of `model_round`."""
+
+    metrics: dict[str, float]
+    model_round: Optional[int]  # the adapter round evaluated (0 / None = the base model)
+    samples: pd.DataFrame = table()  # held-out generations + understanding pairs, with verdicts
+    pairs: pd.DataFrame = table()  # the (image, prompt) understanding pairs
+    validation: Optional[pd.DataFrame] = table(optional=True)  # eval.validation_prompts rows, if any
+
+
+@dataclass
+class Promoted:
+    """The promote stage: the pointers after the round."""
+
+    best: Optional[int]
+    head: Optional[int]
+
+
+@dataclass
+class RoundRecord:
+    """One round as the driver keeps it for the report and the tracker."""
+
+    round: int
+    start: Optional[int]  # the round whose model this one improved (None for round 0)
+    decision: AuditDecision
+    metrics: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"round": self.round, "start": self.start, "decision": self.decision.as_dict(),
+                "metrics": self.metrics}
+
+
+RESULT_TYPES: dict[str, type] = {"pool": Pooled, "train": Trained, "evaluate": Evaluated, "audit": AuditDecision,
+                                 "promote": Promoted}
+
+
+def to_store(result: Any) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+    """(tables, JSON-able values) of a stage result: a DataFrame, a result dataclass, or None."""
+    if isinstance(result, pd.DataFrame):
+        return {"data": result}, {}
+    if result is None:
+        return {}, {}
+    if not dataclasses.is_dataclass(result):
+        raise TypeError(f"a stage result is a DataFrame or a result dataclass, not {type(result).__name__}")
+    tables, values = {}, {}
+    for f in dataclasses.fields(result):
+        value = getattr(result, f.name)
+        if f.metadata.get("table"):
+            if value is not None:
+                tables[f.name] = value
+        else:
+            values[f.name] = value
+    return tables, values
+
+
+def from_store(stage: str, tables: dict[str, pd.DataFrame], values: dict[str, Any]) -> Any:
+    """The stage's result back from its tables and values (the inverse of `to_store`)."""
+    cls = RESULT_TYPES.get(stage)
+    if cls is None:
+        if list(tables) == ["data"] and not values:
+            return tables["data"]
+        raise ValueError(f"stage {stage!r} has no result type (known: {sorted(RESULT_TYPES)})")
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in {**values, **tables}.items() if k in names})
