@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import io
 import os
-import time
 from typing import Any, Optional
 
 import numpy as np
@@ -72,13 +71,12 @@ def _unpng(data: bytes):
 class GenerateUDF:
     """Holds one model; maps a batch of PromptRows to N SampleRows per prompt."""
 
-    def __init__(self, model: dict, gen: dict, run_seed: int, round_: int, adapter: Optional[str] = None,
-                 slow_s: float = 0.0):
+    def __init__(self, model: dict, gen: dict, run_seed: int, round_: int, adapter: Optional[str] = None):
         from models.loading import load_model
 
         _worker_setup()
         self.m = load_model(model["path"], model["dtype"], model["device"], adapter=adapter, merge=True)
-        self.gen, self.run_seed, self.round, self.slow_s = gen, run_seed, round_, slow_s
+        self.gen, self.run_seed, self.round = gen, run_seed, round_
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         return self.generate(batch)[0]
@@ -110,8 +108,6 @@ class GenerateUDF:
                 "png": np.array([_png(im) for im in flat], dtype=object),
                 "node_id": np.array([_node_id()] * (len(rows) * n), dtype=object),  # where it ran (cluster checks)
             })
-        if self.slow_s:  # test hook: keep the stage busy long enough to kill an actor mid-stage
-            time.sleep(self.slow_s)
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, images
 
 
@@ -143,8 +139,8 @@ class GenerateJudgeUDF(GenerateUDF):
     no PNG round trip; the rows equal GenerateUDF followed by JudgeUDF's."""
 
     def __init__(self, model: dict, gen: dict, run_seed: int, round_: int, adapter: Optional[str] = None,
-                 slow_s: float = 0.0, mode: Optional[str] = None, judge_batch_size: int = 64):
-        super().__init__(model, gen, run_seed, round_, adapter, slow_s)
+                 mode: Optional[str] = None, judge_batch_size: int = 64):
+        super().__init__(model, gen, run_seed, round_, adapter)
         self.mode, self.judge_batch_size = mode or self.m.default_judge_mode, judge_batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -184,7 +180,7 @@ def _to_frame(ds) -> pd.DataFrame:
 
 
 def generate_table(prompts: list[dict], cfg: Config, round_: int, adapter: Optional[str] = None,
-                   slow_s: float = 0.0, judge: bool = False) -> pd.DataFrame:
+                   judge: bool = False) -> pd.DataFrame:
     """SampleRows for `prompts` (PromptRows): N per prompt (`generate.num_images`, or
     `generate.num_images_by_category[category]`), in canonical order. judge=True: JudgedRows, the
     same actors judging their own samples (GenerateJudgeUDF; the rows `judge_table` would give)."""
@@ -195,7 +191,7 @@ def generate_table(prompts: list[dict], cfg: Config, round_: int, adapter: Optio
     gen = {"num_images": g.num_images, "cfg_weight": g.cfg_weight, "temperature": g.temperature, "top_k": g.top_k,
            "num_images_by_category": dict(g.num_images_by_category)}
     kwargs = {"model": _model_args(cfg), "gen": gen, "run_seed": cfg.run.seed, "round_": round_,
-              "adapter": adapter, "slow_s": slow_s}
+              "adapter": adapter}
     if judge:
         kwargs.update(mode=cfg.judge.mode, judge_batch_size=cfg.judge.batch_size)
     ds = ray.data.from_items(list(prompts)).map_batches(

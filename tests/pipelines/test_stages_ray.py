@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipelines import stages
 from pipelines.config import config_from_dict
 from pipelines.schemas import SchemaError
 from pipelines.rounds import run_stage
@@ -119,7 +120,29 @@ def _worker_pids(class_name):
     return pids
 
 
-def test_killed_actor_loses_and_duplicates_nothing(reference, tmp_path):
+class SlowGenerateUDF(stages.GenerateUDF):
+    """The real generation actor, slowed down so the test can kill it mid-stage."""
+
+    def generate(self, batch):
+        out = super().generate(batch)
+        time.sleep(1.0)
+        return out
+
+
+@pytest.fixture
+def slow_generation(monkeypatch):
+    import sys
+
+    import ray.cloudpickle
+
+    monkeypatch.setattr(stages, "GenerateUDF", SlowGenerateUDF)
+    module = sys.modules[__name__]
+    ray.cloudpickle.register_pickle_by_value(module)  # the actors cannot import this test file
+    yield
+    ray.cloudpickle.unregister_pickle_by_value(module)
+
+
+def test_killed_actor_loses_and_duplicates_nothing(reference, tmp_path, slow_generation):
     cfg, samples, _ = reference
     store = RunStore(str(tmp_path), "killed")
     store.init(cfg)
@@ -137,7 +160,7 @@ def test_killed_actor_loses_and_duplicates_nothing(reference, tmp_path):
 
     t = threading.Thread(target=killer)
     t.start()
-    compute = lambda: (generate_table(PROMPTS, cfg, round_=1, slow_s=1.0), {})  # noqa: E731
+    compute = lambda: (generate_table(PROMPTS, cfg, round_=1), {})  # noqa: E731
     try:
         out = run_stage(store, 1, "generate", compute)
     except Exception:  # failing loudly is allowed; then a rerun must complete
