@@ -13,7 +13,7 @@ import pytest
 
 PURE = ["pipelines.stats", "pipelines.config", "pipelines.schemas", "pipelines.pools", "pipelines.store",
         "pipelines.prompts", "pipelines.http_judge", "pipelines.audit", "pipelines.review", "pipelines.shapes_checks",
-        "pipelines.rounds", "pipelines.results", "models.seeds",
+        "pipelines.rounds", "pipelines.results", "models.seeds", "trainers.faults",
         "serve.validation", "serve.api_models", "serve.chat", "serve.settings"]
 
 

@@ -52,6 +52,7 @@ from models.lora import (ADAPTER_FILES, CHECKSUM_FILE, LoraSpec, attach_lora, ch
                          save_adapter, verify_adapter)
 from trainers import data as D
 from trainers.data import TrainDataError, lr_factor
+from trainers.faults import maybe_fail, planned_failure
 from trainers.losses import dpo_loss, sft_loss
 
 STATE_FILE = "train_state.pt"
@@ -121,8 +122,6 @@ class TrainArgs:
     """Absolute dir (or URI) where Ray Train keeps run dirs and checkpoints."""
     run_name: str = "train"
     """Run dir under storage_path; running the same name again resumes its latest checkpoint."""
-    fail_at_step: Optional[int] = None
-    """Test hook: the last rank exits hard in this (1-based) step, once per run (marker file in storage)."""
 
 
 @dataclass
@@ -139,6 +138,7 @@ def validate(args: TrainArgs, rows: Any) -> None:
 
 def _prepare(args: TrainArgs, rows: Any) -> D.PackedRows:
     D.check_args(args)
+    planned_failure(args.storage_path, args.run_name)  # a malformed fault-drill file fails here
     rows = D.load_rows(rows)
     num_image_tokens, codebook, names = D.model_facts(args.model_path)
     D.check_rows(rows, args.objective, num_image_tokens, codebook)
@@ -329,21 +329,6 @@ def _save_checkpoint(model, unified, optimizer, scheduler, state: dict, metrics:
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def _maybe_fail(args: TrainArgs, step: int, rank: int, world: int) -> None:
-    """Test hook: the last rank dies hard (like a lost node) in step `fail_at_step`, once. It sleeps 2 s
-    first: a worker dying within one controller poll of a checkpoint report can lose that checkpoint
-    (training then resumes from the one before: correct, but the test could not name the step)."""
-    if args.fail_at_step is None or step + 1 != args.fail_at_step or rank != world - 1:
-        return
-    marker = os.path.join(args.storage_path, f".{args.run_name}.failed_once")
-    try:
-        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        return  # the retry: do not fail again
-    time.sleep(2.0)
-    os._exit(1)
-
-
 def _load_state(checkpoint) -> Optional[dict]:
     if checkpoint is None:
         return None
@@ -379,12 +364,12 @@ def train_loop(config: dict) -> None:
         scheduler.load_state_dict(state["scheduler"])
         step, history, attempt = state["step"], state["history"], state["attempt"] + 1
     resumed_from = step
-
+    fail_at = planned_failure(args.storage_path, args.run_name)  # a fault drill (trainers/faults.py), if any
     while step < total:
         epoch, i = divmod(step, spe)
         micro_batches = D.step_plan(len(data), world, rank, args.batch_size, args.grad_accum, args.seed, epoch)[i]
         torch.manual_seed(args.seed * 1_000_003 + rank * 10_007 + step)  # dropout: resumable, rank-distinct
-        _maybe_fail(args, step, rank, world)
+        maybe_fail(args.storage_path, args.run_name, fail_at, step, rank, world)
         metrics = train_step(model, unified, optimizer, scheduler, data, micro_batches, args)
         step += 1
         history.append({"step": step, "epoch": epoch, "attempt": attempt, **metrics})

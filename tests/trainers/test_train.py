@@ -4,8 +4,8 @@ Two real fits on a local Ray (2 CPU workers, the tiny random Janus) are shared b
 fixtures, because each `fit()` costs ~15 s fixed:
   * `sft_run`: 8 fixed samples, 6 epochs, fresh LoRA.
   * `dpo_run`: 8 pairs, starting from the SFT adapter (init_adapter), reference log-probs
-    precomputed under base + that adapter; the last worker dies hard in step 6 (checkpoint every 4
-    steps, max_failures=1), so the run must resume from step 4.
+    precomputed under base + that adapter; a fault drill (trainers/faults.py) makes the last worker
+    die hard in step 6 (checkpoint every 4 steps, max_failures=1), so the run must resume from step 4.
 Everything else (validation, data plan, schedule, reference log-probs) runs without Ray.
 """
 
@@ -22,6 +22,7 @@ import torch
 from models.loading import load_model
 from models.lora import AdapterError, LoraSpec, attach_lora, load_adapter, verify_adapter
 from trainers import data as D
+from trainers.faults import drill_path
 from trainers.train import (PolicyLogprobs, TrainArgs, TrainDataError, lr_factor, precompute_ref_logprobs,
                             train_adapter, validate)
 
@@ -126,6 +127,18 @@ def test_validate_rejects(case, tmp_path):
         validate(base_args(tmp_path, **overrides), rows)
 
 
+@pytest.mark.parametrize("text,message", [("{}", "fail_at_step"), ('{"fail_at_step": 0}', ">= 1"),
+                                          ('{"fail_at_step": true}', ">= 1"), ("not json", "fail_at_step")])
+def test_a_bad_fault_drill_file_is_refused_before_training(tmp_path, text, message):
+    args = base_args(tmp_path)
+    os.makedirs(args.storage_path)
+    with open(drill_path(args.storage_path, args.run_name), "w") as fh:
+        fh.write(text)
+    with pytest.raises(ValueError, match=message) as e:
+        validate(args, sft_rows(4))
+    assert "run.fault.json" in str(e.value)
+
+
 def test_validation_fires_before_any_ray_call(tmp_path, monkeypatch):
     import ray
     import ray.train.torch
@@ -202,7 +215,10 @@ def dpo_run(ray_session, sft_run, tmp_path_factory):
     # Guided (CFG 3) log-probs for reference and policy alike: step 1 must then sit exactly at the reference.
     pairs = precompute_ref_logprobs("tiny", init, dpo_pairs(), batch_size=4, cfg_weight=3.0)
     args = base_args(tmp, objective="dpo", init_adapter=init, beta=0.1, run_name="dpo", cfg_weight=3.0,
-                     checkpoint_every=4, fail_at_step=6, max_failures=1)
+                     checkpoint_every=4, max_failures=1)
+    os.makedirs(args.storage_path, exist_ok=True)
+    with open(drill_path(args.storage_path, args.run_name), "w") as fh:  # the last rank dies in step 6
+        json.dump({"fail_at_step": 6}, fh)
     return args, pairs, train_adapter(args, pairs, str(tmp / "adapter"))
 
 
