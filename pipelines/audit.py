@@ -22,10 +22,13 @@ compared with the best promoted round so far (round 0, the base model, is the in
   promote   when delta >= 0                  (ties promote: "not worse" is the paper's bar, and
                                               the newer round has the smaller internal gap)
   hold      otherwise (-tolerance <= delta < 0): neither promoted nor degraded; the best stays.
-  With `audit.paired_rollback` (metric gen_accuracy), a round is also degraded when its paired gain
-  over the base model (`eval/gen_gain_vs_base`, same prompts and seeds, bootstrap 95% CI over
-  prompts) lies entirely below 0: a slow drift that stays inside the tolerance of each comparison is
-  caught once it is significant (the inverted-judge arm: round 2 instead of round 4).
+  With `audit.paired_rollback` (metric gen_accuracy or val_accuracy), a round is also degraded when
+  its paired gain over the base model (`eval/gen_gain_vs_base` / `eval/val_gain_vs_base`, same
+  prompts and seeds, bootstrap 95% CI over prompts) lies entirely below 0: a slow drift that stays
+  inside the tolerance of each comparison is caught once it is significant (the inverted-judge arm:
+  round 2 instead of round 4).
+`val_accuracy` audits on the validation slice (`eval.validation_prompts`: training-distribution
+prompts never trained on), so which round is promoted is never chosen on the held-out prompts.
 Comparisons use a 1e-9 slack so float noise (0.50 - 0.52 = -0.02000000000000002) does not flip a
 decision. The reason string, kept in the manifest, says which branch applied and whether the
 change is inside the candidate's 95% CI (i.e. within sampling noise). `und_win_rate` is measured
@@ -56,6 +59,9 @@ from models.seeds import stable_bits
 EPS = 1e-9
 WIN_RATE_NEUTRAL = 0.5
 """und_win_rate of the base model against itself, and of a round that never disagrees with it."""
+PAIRED_GAIN = {"gen_accuracy": "eval/gen_gain_vs_base", "val_accuracy": "eval/val_gain_vs_base"}
+"""audit.metric -> its paired gain over the base model (same prompts, same seeds), whose CI
+audit.paired_rollback reads."""
 
 
 @runtime_checkable
@@ -319,14 +325,15 @@ def audit_vs_best(best_round: Optional[int], best_metrics: Optional[dict], round
                              best_round, best_value=best_value, delta=None, **common)
     delta = value - best_value
     degraded = delta < -tol - EPS
-    paired_hi = cand.get("eval/gen_gain_vs_base/ci_high")
-    below_base = (bool(getattr(audit_cfg, "paired_rollback", False)) and metric == "gen_accuracy"
-                  and paired_hi is not None and not math.isnan(paired_hi) and paired_hi < 0)
+    paired = PAIRED_GAIN.get(metric)  # the paired gain over the base on the metric's own prompts
+    paired_hi = cand.get(f"{paired}/ci_high") if paired else None
+    below_base = (bool(getattr(audit_cfg, "paired_rollback", False)) and paired_hi is not None
+                  and not math.isnan(paired_hi) and paired_hi < 0)
     promote = not degraded and not below_base and delta >= -EPS
     co = (degraded or below_base) and _nonunified_shrank(cand, best_rec)
     verdict = ("DEGRADED: drop beyond tolerance" if degraded else
                f"DEGRADED: significantly below the base model (paired gain "
-               f"{cand['eval/gen_gain_vs_base'] * 100:+.1f} points, "
+               f"{cand.get(paired, math.nan) * 100:+.1f} points, "
                f"95% CI high {paired_hi * 100:+.1f})" if below_base else
                "promote: tie with the best (not worse)" if abs(delta) <= EPS else
                "promote: better than the best" if promote else

@@ -198,15 +198,17 @@ class AuditSection(Section):
     http_concurrency: int = _f(1, "Concurrent request workers (ray.data.llm).", ge=1)
     http_qps: Optional[int] = _f(None, "Requests per second cap (None = none).", ge=1)
     http_max_retries: int = _f(2, "Retries of a failed request (429/5xx, connection errors).", ge=0)
-    metric: Literal["gen_accuracy", "und_win_rate"] = _f("gen_accuracy", "External metric that must not get worse.")
+    metric: Literal["gen_accuracy", "und_win_rate", "val_accuracy"] = _f(
+        "gen_accuracy", "External metric that must not get worse; val_accuracy = the validation slice "
+        "(eval.validation_prompts), so promotion and rollback never select on the held-out prompts.")
     tolerance: float = _f(0.02, "Allowed drop of `metric` before a round counts as degraded.", ge=0)
     continue_from: Literal["best", "last_kept"] = _f(
         "last_kept", "The model the next round improves: the best promoted round, or the last round that was "
         "not degraded (a round held within tolerance stays in the chain, so gains smaller than the "
         "evaluation noise can add up over rounds; a degraded round is always rolled back).")
-    paired_rollback: bool = _f(True, "Also count a round as degraded when its paired held-out gain over the base "
-                               "model (same prompts and seeds) has a 95% CI entirely below 0, even within "
-                               "tolerance (gen_accuracy only).")
+    paired_rollback: bool = _f(True, "Also count a round as degraded when its paired gain over the base model (same "
+                               "prompts and seeds) has a 95% CI entirely below 0, even within tolerance "
+                               "(gen_accuracy: on the held-out prompts; val_accuracy: on the validation slice).")
     on_degradation: Literal["stop", "continue_from_best"] = _f("continue_from_best", "stop the run, or roll back "
                                                                "to the best adapter and go on.")
 
@@ -332,6 +334,8 @@ def _check_combinations(cfg: Config) -> None:
          f"{cfg.curriculum.start_round} is after the last round (run.rounds={cfg.run.rounds})"),
         ("judge.corrupt", cfg.judge.corrupt == "oracle" and cfg.audit.backend != "oracle",
          "the oracle-judge control needs the shapes world (audit.backend=oracle)"),
+        ("audit.metric", cfg.audit.metric == "val_accuracy" and not cfg.eval.validation_prompts,
+         "val_accuracy needs a validation slice: set eval.validation_prompts > 0"),
         ("audit.vlm_path", cfg.audit.backend in ("vlm", "vllm") and not cfg.audit.vlm_path,
          f"audit.backend={cfg.audit.backend} needs a VLM checkpoint path"),
         ("audit.http_url", cfg.audit.backend == "openai_http" and not re.match(r"https?://", cfg.audit.http_url or ""),

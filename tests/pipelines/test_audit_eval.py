@@ -67,6 +67,17 @@ def test_a_round_significantly_below_the_base_is_degraded_even_within_tolerance(
     assert audit(history, _rec(2, 0.152, **better), _cfg(tolerance=0.02)).promote
 
 
+def test_the_audit_can_select_on_the_validation_slice_and_leave_held_out_alone():
+    cfg = load_config(None, ["audit.metric=val_accuracy", "eval.validation_prompts=100"]).audit
+    held_out_worse = {"eval/gen_accuracy": 0.10, "eval/gen_gain_vs_base": -0.03, "eval/gen_gain_vs_base/ci_high": -0.01}
+    history = [_rec(0, 0.13, True, metric="val_accuracy", **{"eval/gen_accuracy": 0.13})]
+    d = audit(history, _rec(1, 0.16, metric="val_accuracy", **held_out_worse), cfg)
+    assert d.promote and d.metric == "val_accuracy" and d.delta == pytest.approx(0.03)  # held-out not read
+    below = {"eval/val_gain_vs_base": -0.015, "eval/val_gain_vs_base/ci_high": -0.002}
+    d = audit(history, _rec(2, 0.115, metric="val_accuracy", **below), cfg)  # within tolerance, but
+    assert d.degraded and "significantly below the base" in d.reason and "-1.5 points" in d.reason
+
+
 def test_best_is_the_best_promoted_round_not_the_latest():
     history = [_rec(0, 0.30, True), _rec(1, 0.40, True), _rec(2, 0.39, False)]
     d = audit(history, _rec(3, 0.395), _cfg(tolerance=0.02))

@@ -123,6 +123,7 @@ def test_unknown_yaml_key_suggests(tmp_path):
     (["train.objective=dpo", "pairs.max_pairs_per_prompt=0"], "pairs.max_pairs_per_prompt"),
     (["curriculum.enabled=true", "curriculum.start_round=4", "run.rounds=3"], "curriculum.start_round"),
     (["audit.backend=vlm"], "audit.vlm_path"),
+    (["audit.metric=val_accuracy"], "audit.metric"),
     (["train.loss_type=ipo", "train.label_smoothing=0.1"], "train.label_smoothing"),
     (["train.steps=5", "train.warmup_steps=10"], "train.warmup_steps"),
     (["serve.min_replicas=3", "serve.max_replicas=2"], "serve.min_replicas"),
