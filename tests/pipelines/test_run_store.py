@@ -184,6 +184,7 @@ def test_clear_stage_only_for_incomplete_stages(tmp_path, cfg):
 @pytest.mark.parametrize("continue_from, starts", [("last_kept", [0, 1, 2, 2, 4]), ("best", [0, 1, 1, 1, 4])])
 def test_rounds_continue_from_the_last_kept_or_the_best_round(tmp_path, continue_from, starts):
     """Round 1 promoted, 2 held within tolerance, 3 degraded (rolled back), 4 promoted."""
+    from pipelines.audit import AuditDecision
     from pipelines.improve import promote, start_model
 
     cfg = load_config(None, [f"audit.continue_from={continue_from}"])
@@ -193,11 +194,11 @@ def test_rounds_continue_from_the_last_kept_or_the_best_round(tmp_path, continue
         store.set_pointer(name, 0)
     seen = [start_model(store, cfg)]
     for k, (promoted, degraded) in enumerate([(True, False), (False, False), (False, True), (True, False)], 1):
-        promote(store, k, {"round": k, "promote": promoted, "degraded": degraded})
+        promote(store, k, AuditDecision(promoted, degraded, "", 0, round=k))
         seen.append(start_model(store, cfg))
     assert seen == starts
     assert (store.pointer("best"), store.pointer("latest"), store.pointer("head")) == (4, 4, 4)
-    promote(store, 5, {"promote": False, "degraded": False, "reason": "no new adapter (training skipped)"})
+    promote(store, 5, AuditDecision(False, False, "no new adapter (training skipped)", 4, round=4))
     assert store.pointer("head") == 4 and store.pointer("latest") == 5  # no new model: the chain stays
 
 
