@@ -144,6 +144,8 @@ def per_prompt(run_dir: str, round_: Optional[int] = None, verdict: str = "exter
         raise ValueError(f"{run_dir}: not a run dir (no manifest.json)")
     if round_ is None:
         round_ = max(int(k) for k in store.manifest()["rounds"] if store.stage_info(int(k), "evaluate"))
+    elif not store.is_done(round_, "evaluate"):
+        raise ValueError(f"{run_dir}: round {round_} has not been evaluated")
     try:
         rows = store.read_table(round_, "evaluate", SPLITS[split]).to_pandas()
     except RunStoreError:
@@ -157,10 +159,11 @@ def per_prompt(run_dir: str, round_: Optional[int] = None, verdict: str = "exter
 
 
 def pooled(arms: dict[str, list[str]], verdict: str = "external_verdict", seed: int = 0,
-           split: str = "heldout") -> str:
-    """Each arm's runs pooled at their last rounds (per prompt: the mean over the arm's runs) against
-    the base model (round 0 of the first run; every run shares it), and every pair of arms against
-    each other: differences in points with a paired bootstrap 95% CI over the `split` prompts."""
+           split: str = "heldout", round_: Optional[int] = None) -> str:
+    """Each arm's runs pooled at their last rounds, or all at `round_` (per prompt: the mean over the
+    arm's runs) against the base model (round 0 of the first run; every run shares it), and every pair
+    of arms against each other: differences in points with a paired bootstrap 95% CI over the `split`
+    prompts."""
     import itertools
 
     import pandas as pd
@@ -169,7 +172,7 @@ def pooled(arms: dict[str, list[str]], verdict: str = "external_verdict", seed: 
 
     first = next(iter(arms.values()))[0]
     base = per_prompt(first, 0, verdict, split)
-    means = {arm: pd.concat([per_prompt(d, None, verdict, split) for d in dirs], axis=1).mean(axis=1)
+    means = {arm: pd.concat([per_prompt(d, round_, verdict, split) for d in dirs], axis=1).mean(axis=1)
              for arm, dirs in arms.items()}
     lines = []
     for arm, m in means.items():
@@ -208,7 +211,7 @@ def _cmd(args) -> int:
         verdicts = ("external_verdict", "second_verdict") if args.split == "heldout" else ("external_verdict",)
         try:
             for verdict in verdicts:
-                print(pooled(arms, verdict, split=args.split))
+                print(pooled(arms, verdict, split=args.split, round_=args.round))
         except ValueError as e:
             raise SystemExit(f"unigap compare: {e}") from None
         return 0
@@ -227,5 +230,7 @@ def add_cli(sub) -> None:
     p.add_argument("--split", choices=sorted(SPLITS), default="heldout",
                    help="with --arm: pool the held-out prompts (the claim) or the validation slice "
                         "(eval.validation_prompts: choose recipe settings on this)")
+    p.add_argument("--round", type=int, default=None,
+                   help="with --arm: pool every run at this round instead of its last (runs of unequal length)")
     p.add_argument("--out", default="compare.md", help="markdown file to write (a PNG is written beside it)")
     p.set_defaults(func=_cmd)

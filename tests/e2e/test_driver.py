@@ -139,6 +139,12 @@ def test_compare_tables_the_finished_run_with_paired_gains(finished, tmp_path):
     assert lines[0].endswith("(2 validation prompts)") and "second_verdict" not in v.stdout
     missing = unigap("compare", "--split", "validation", "--arm", f"a={tmp_path / 'nothing'}", timeout=120)
     assert missing.returncode != 0 and "not a run dir" in missing.stderr
+    # --round pools every run at that round (runs of unequal length); a round not evaluated is an error
+    first = manifest["rounds"]["1"]["stages"]["evaluate"]["info"]["result"]["metrics"]["eval/gen_gain_vs_base"]
+    r1 = unigap("compare", "--round", "1", "--arm", f"a={run_dir}", timeout=300)
+    assert r1.returncode == 0 and f"runs=1: {100 * first:+.1f} [" in r1.stdout.splitlines()[0], r1.stdout
+    late = unigap("compare", "--round", "9", "--arm", f"a={run_dir}", timeout=120)
+    assert late.returncode != 0 and "round 9 has not been evaluated" in late.stderr
 
 
 def test_resume_after_sigkill_gives_the_same_manifest(finished, tmp_path):
