@@ -136,6 +136,18 @@ def per_prompt(run_dir: str, round_: Optional[int] = None, verdict: str = "exter
     """Generation accuracy per prompt (mean of `verdict` over its images) at `round_` (None = the
     run's last evaluated round), indexed by prompt_id, on the held-out prompts or the validation
     slice."""
+    rows = _generation_rows(run_dir, round_, split)
+    if verdict not in rows:
+        raise ValueError(f"{run_dir}: the {split} rows have no {verdict}")
+    return rows.groupby("prompt_id")[verdict].apply(lambda v: v.astype(float).mean())
+
+
+def prompt_categories(run_dir: str, split: str = "heldout") -> "pd.Series":
+    """The category of each `split` prompt (from the base model's evaluation), indexed by prompt_id."""
+    return _generation_rows(run_dir, 0, split).groupby("prompt_id")["category"].first()
+
+
+def _generation_rows(run_dir: str, round_: Optional[int], split: str) -> "pd.DataFrame":
     from pipelines.store import RunStore, RunStoreError
 
     root, name = os.path.split(run_dir.rstrip("/"))
@@ -151,19 +163,15 @@ def per_prompt(run_dir: str, round_: Optional[int] = None, verdict: str = "exter
     except RunStoreError:
         why = " (it ran with eval.validation_prompts=0)" if split == "validation" else ""
         raise ValueError(f"{run_dir}: round {round_} has no {split} rows{why}") from None
-    if "kind" in rows:
-        rows = rows[rows["kind"] == "generation"]
-    if verdict not in rows:
-        raise ValueError(f"{run_dir}: the {split} rows have no {verdict}")
-    return rows.groupby("prompt_id")[verdict].apply(lambda v: v.astype(float).mean())
+    return rows[rows["kind"] == "generation"] if "kind" in rows else rows
 
 
 def pooled(arms: dict[str, list[str]], verdict: str = "external_verdict", seed: int = 0,
-           split: str = "heldout", round_: Optional[int] = None) -> str:
+           split: str = "heldout", round_: Optional[int] = None, by_category: bool = False) -> str:
     """Each arm's runs pooled at their last rounds, or all at `round_` (per prompt: the mean over the
     arm's runs) against the base model (round 0 of the first run; every run shares it), and every pair
     of arms against each other: differences in points with a paired bootstrap 95% CI over the `split`
-    prompts."""
+    prompts. by_category: also each arm's gain vs base within each prompt category."""
     import itertools
 
     import pandas as pd
@@ -180,6 +188,13 @@ def pooled(arms: dict[str, list[str]], verdict: str = "external_verdict", seed: 
         d, lo, hi = paired_bootstrap(m[common], base[common], seed=seed)
         lines.append(f"{arm:<10} {verdict:<17} runs={len(arms[arm])}: {100 * d:+.1f} [{100 * lo:+.1f}, "
                      f"{100 * hi:+.1f}] points vs base ({len(common)} {split} prompts)")
+        if by_category:
+            categories = prompt_categories(first, split).reindex(common)
+            for category in sorted(categories.dropna().unique()):
+                ids = categories.index[categories == category]
+                d, lo, hi = paired_bootstrap(m[ids], base[ids], seed=seed)
+                lines.append(f"  {arm} {category:<12} {100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] "
+                             f"({len(ids)} prompts)")
     for a, b in itertools.combinations(means, 2):
         common = means[a].index.intersection(means[b].index)
         d, lo, hi = paired_bootstrap(means[a][common], means[b][common], seed=seed)
@@ -211,7 +226,7 @@ def _cmd(args) -> int:
         verdicts = ("external_verdict", "second_verdict") if args.split == "heldout" else ("external_verdict",)
         try:
             for verdict in verdicts:
-                print(pooled(arms, verdict, split=args.split, round_=args.round))
+                print(pooled(arms, verdict, split=args.split, round_=args.round, by_category=args.by_category))
         except ValueError as e:
             raise SystemExit(f"unigap compare: {e}") from None
         return 0
@@ -232,5 +247,7 @@ def add_cli(sub) -> None:
                         "(eval.validation_prompts: choose recipe settings on this)")
     p.add_argument("--round", type=int, default=None,
                    help="with --arm: pool every run at this round instead of its last (runs of unequal length)")
+    p.add_argument("--by-category", action="store_true",
+                   help="with --arm: also each arm's gain vs base within each prompt category")
     p.add_argument("--out", default="compare.md", help="markdown file to write (a PNG is written beside it)")
     p.set_defaults(func=_cmd)

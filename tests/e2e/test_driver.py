@@ -145,6 +145,11 @@ def test_compare_tables_the_finished_run_with_paired_gains(finished, tmp_path):
     assert r1.returncode == 0 and f"runs=1: {100 * first:+.1f} [" in r1.stdout.splitlines()[0], r1.stdout
     late = unigap("compare", "--round", "9", "--arm", f"a={run_dir}", timeout=120)
     assert late.returncode != 0 and "round 9 has not been evaluated" in late.stderr
+    # --by-category: each category's prompts once, the categories together are all the prompts
+    cats = unigap("compare", "--by-category", "--split", "validation", "--arm", f"a={run_dir}", timeout=300)
+    assert cats.returncode == 0, cats.stderr[-3000:]
+    per_cat = [line for line in cats.stdout.splitlines() if line.startswith("  a ")]
+    assert per_cat and sum(int(line.rsplit("(", 1)[1].split()[0]) for line in per_cat) == len(set(val["prompt_id"]))
 
 
 def test_resume_after_sigkill_gives_the_same_manifest(finished, tmp_path):
