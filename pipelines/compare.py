@@ -12,6 +12,8 @@ the arm's last rounds, against the shared base model and against each other arm,
 CIs over prompts, by the oracle and by the second verdict (`pooled`). `--split validation` pools the
 validation slice instead (training-distribution prompts never trained on, `eval.validation_prompts`,
 oracle verdict only): the numbers to choose a recipe on, leaving the held-out ones for the claim.
+`--round N` pools every run at round N instead of its last; `--by-category` adds each arm's gain
+within each prompt category.
 
 Example:
     $ unigap compare runs/own-s0 runs/oracle-s0 runs/random-s0 --out runs/compare.md
