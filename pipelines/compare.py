@@ -184,16 +184,17 @@ def pooled(arms: dict[str, list[str]], verdict: str = "external_verdict", seed: 
     base = per_prompt(first, 0, verdict, split)
     means = {arm: pd.concat([per_prompt(d, round_, verdict, split) for d in dirs], axis=1).mean(axis=1)
              for arm, dirs in arms.items()}
+    categories = prompt_categories(first, split) if by_category else None
     lines = []
     for arm, m in means.items():
         common = m.index.intersection(base.index)
         d, lo, hi = paired_bootstrap(m[common], base[common], seed=seed)
         lines.append(f"{arm:<10} {verdict:<17} runs={len(arms[arm])}: {100 * d:+.1f} [{100 * lo:+.1f}, "
                      f"{100 * hi:+.1f}] points vs base ({len(common)} {split} prompts)")
-        if by_category:
-            categories = prompt_categories(first, split).reindex(common)
-            for category in sorted(categories.dropna().unique()):
-                ids = categories.index[categories == category]
+        if categories is not None:
+            arm_categories = categories.reindex(common)
+            for category in sorted(arm_categories.dropna().unique()):
+                ids = arm_categories.index[arm_categories == category]
                 d, lo, hi = paired_bootstrap(m[ids], base[ids], seed=seed)
                 lines.append(f"  {arm} {category:<12} {100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] "
                              f"({len(ids)} prompts)")

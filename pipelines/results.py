@@ -2,8 +2,8 @@
 
 Where it fits: the driver's stages (`pipelines.rounds`, `pipelines.improve`) return `(result, info)`.
 The generate and judge stages' result is a DataFrame of rows; the later stages return one of the
-small dataclasses below (the audit's is `pipelines.audit.AuditDecision`). `save` / `load` turn a
-result into the run store's form and back: fields marked `table()` become Parquet tables of the
+small dataclasses below (the audit's is `pipelines.audit.AuditDecision`). `to_store` / `from_store`
+turn a result into the run store's form and back: fields marked `table()` become Parquet tables of the
 stage, every other field must be JSON-able and is kept in the manifest under `info["result"]`, so a
 resumed run sees the same values as an uninterrupted one. Run dirs written when the results were
 plain dicts load unchanged (the field names are the dicts' keys).
