@@ -38,14 +38,14 @@ def run_round(ctx: Ctx, k: int) -> RoundRecord:
     start = improve.start_model(store, cfg)  # the model this round improves (0 = base; audit.continue_from)
     adapter = rounds.adapter_path(store, start)
     prompts = rounds.round_prompts(ctx, k)  # rotating slice + curriculum replay of discard pools
-    samples = ctx.stage(k, "generate", lambda: rounds.generate(cfg, prompts, k, adapter))
-    judged = ctx.stage(k, "judge", lambda: rounds.judge(cfg, samples, k, adapter))
+    samples = ctx.stage(k, "generate", lambda: rounds.generate(ctx, prompts, k, adapter))  # rows stay in storage
+    judged = ctx.stage(k, "judge", lambda: rounds.judge(ctx, samples, k, adapter))
     pooled = ctx.stage(k, "pool", lambda: rounds.pool(ctx, k, judged, prompts))
     trained = ctx.stage(k, "train", lambda: improve.train(ctx, k, pooled, adapter))
     evaluated = ctx.stage(k, "evaluate", lambda: improve.evaluate(ctx, k, trained))
     decision = ctx.stage(k, "audit", lambda: improve.audit(ctx, k, evaluated))
     ctx.stage(k, "promote", lambda: improve.promote(store, k, decision))
-    metrics = {**evaluated.metrics, **improve.round_metrics(k, judged, pooled, trained, decision, ctx.timings)}
+    metrics = {**evaluated.metrics, **improve.round_metrics(k, pooled, trained, decision, ctx.timings)}
     ctx.tracker.log_round(k, metrics)
     ctx.tracker.log_samples(k, evaluated.samples)
     ctx.tracker.log_train_curve(k, improve.train_curve(store, trained.adapter_round))

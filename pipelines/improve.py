@@ -259,12 +259,13 @@ def promote(store: RunStore, k: int, decision: AuditDecision) -> tuple[Promoted,
     return Promoted(best, head), {"best": best, "head": head}
 
 
-def round_metrics(k: int, judged: pd.DataFrame, pooled: Pooled, trained: Trained, decision: AuditDecision,
+def round_metrics(k: int, pooled: Pooled, trained: Trained, decision: AuditDecision,
                   timings: dict) -> dict[str, Any]:
     """Per-round scalars for W&B and the report, besides the evaluation's own."""
     from pipelines.pools import nonunified_score
 
-    counts = pooled.data["pool"].value_counts()
+    judged = pooled.data  # the judged rows (without PNGs) and their pools
+    counts = judged["pool"].value_counts()
     own = nonunified_score(judged).to_metrics()
     out = {f"train_set/{name}": int(counts.get(name, 0)) for name in ("accepted", "rejected", "uncertain")}
     out.update({f"train_set/{m}": v for m, v in own.items()})

@@ -256,12 +256,14 @@ def grade_scores(judged: Any, grades: int) -> pd.DataFrame:
     return df
 
 
-def corrupt_scores(judged: Any, kind: Literal["none", "random", "inverted"], seed: int) -> pd.DataFrame:
+def corrupt_scores(judged: Any, kind: Literal["none", "random", "inverted"], seed: int,
+                   binary: Optional[bool] = None) -> pd.DataFrame:
     """The corrupted-judge control: scores replaced on purpose (original kept in `uncorrupted_score`).
 
     random: an independent uniform score per sample, from a hash of (seed, prompt_id, round,
-    sample_index) so it does not depend on row order; when every valid score is 0/1 (binary
-    mode) the random score is 0/1 too, so the control keeps the judge's output format.
+    sample_index) so it does not depend on row order; when the judge's scores are 0/1 (`binary`;
+    None: every valid score here is 0 or 1) the random score is 0/1 too, so the control keeps the
+    judge's output format.
     inverted: 1 - score. Invalid samples stay NaN / invalid in both.
     """
     if kind not in ("none", "random", "inverted"):
@@ -277,7 +279,8 @@ def corrupt_scores(judged: Any, kind: Literal["none", "random", "inverted"], see
     else:
         u = np.array([_unit(seed, r.prompt_id, r.round, r.sample_index)
                       for r in df[["prompt_id", "round", "sample_index"]].itertuples()])
-        binary = bool(valid.any()) and bool(score[valid].isin([0.0, 1.0]).all())
+        if binary is None:
+            binary = bool(valid.any()) and bool(score[valid].isin([0.0, 1.0]).all())
         new = pd.Series(np.floor(u * 2.0) if binary else u, index=df.index)
     df["score"] = new.where(valid, np.nan)
     return df

@@ -1,8 +1,9 @@
 """Typed stage results: what each stage of a round hands the next, and how it is stored.
 
 Where it fits: the driver's stages (`pipelines.rounds`, `pipelines.improve`) return `(result, info)`.
-The generate and judge stages' result is a DataFrame of rows; the later stages return one of the
-small dataclasses below (the audit's is `pipelines.audit.AuditDecision`). `to_store` / `from_store`
+The generate and judge stages' result is a `StageRows` handle on rows their Ray workers wrote to
+the run store; the later stages return one of the small dataclasses below (the audit's is
+`pipelines.audit.AuditDecision`). `to_store` / `from_store`
 turn a result into the run store's form and back: fields marked `table()` become Parquet tables of the
 stage, every other field must be JSON-able and is kept in the manifest under `info["result"]`, so a
 resumed run sees the same values as an uninterrupted one. Run dirs written when the results were
@@ -15,8 +16,10 @@ Example:
     ({}, {'adapter_round': 3, 'metrics': {'train/loss': 0.5}})
     >>> from_store("train", tables, values)
     Trained(adapter_round=3, metrics={'train/loss': 0.5})
+    >>> from_store("judge", {}, to_store(StageRows(round=2, stage="generate", rows=1600))[1])
+    StageRows(round=2, stage='generate', rows=1600)
     >>> df = pd.DataFrame({"x": [1]})
-    >>> sorted(to_store(df)[0]), from_store("generate", {"data": df}, {}) is df
+    >>> sorted(to_store(df)[0]), from_store("rows", {"data": df}, {}) is df
     (['data'], True)
 """
 
@@ -34,6 +37,43 @@ from pipelines.audit import AuditDecision
 def table(optional: bool = False) -> Any:
     """A DataFrame field: stored as `<stage>/<name>.parquet`; optional ones may be None (no table)."""
     return field(default=None, metadata={"table": True}) if optional else field(metadata={"table": True})
+
+
+@dataclass
+class StageRows:
+    """The generate and judge stages' result: rows that the stage's Ray workers wrote straight into
+    the run store (`<stage>/data/`, Parquet part files), so the driver holds this handle, never the rows.
+    `stage` names where they live: a fused judge stage with nothing to add keeps the generate stage's.
+    Run dirs written before streaming (`<stage>/data.parquet`, written by the driver) read the same."""
+
+    round: int
+    stage: str
+    rows: int
+
+    def frame(self, store: Any, columns: Optional[list[str]] = None, images: bool = False) -> pd.DataFrame:
+        """The rows on the driver, in canonical order (prompt_id, sample_index): `columns`, else all but
+        the PNG bytes (unless `images`), which stay in storage (`pngs` fetches a few)."""
+        if columns is None:
+            columns = [n for n in store.table_schema(self.round, self.stage).names if images or n != "png"]
+        df = store.read_table(self.round, self.stage, columns=columns).to_pandas()
+        order = [c for c in ("prompt_id", "sample_index") if c in df.columns]
+        return df.sort_values(order, kind="stable").reset_index(drop=True) if order else df
+
+    def pngs(self, store: Any, rows: pd.DataFrame) -> list[bytes]:
+        """The PNG bytes of `rows` (keyed by prompt_id, sample_index), read for those prompts only."""
+        if rows.empty:
+            return []
+        ids = sorted(set(rows["prompt_id"]))
+        found = store.read_table(self.round, self.stage, columns=["prompt_id", "sample_index", "png"],
+                                 filters=[("prompt_id", "in", ids)]).to_pandas()
+        keyed = {(p, int(i)): b for p, i, b in zip(found["prompt_id"], found["sample_index"], found["png"])}
+        return [keyed[(p, int(i))] for p, i in zip(rows["prompt_id"], rows["sample_index"])]
+
+    def dataset(self, store: Any):
+        """The rows as a lazy Ray Dataset read by the workers (nothing passes through the driver)."""
+        import ray
+
+        return ray.data.read_parquet(store.table_path(self.round, self.stage), filesystem=store.fs)
 
 
 @dataclass
@@ -88,7 +128,8 @@ class RoundRecord:
                 "metrics": self.metrics}
 
 
-RESULT_TYPES: dict[str, type] = {"pool": Pooled, "train": Trained, "evaluate": Evaluated, "audit": AuditDecision,
+RESULT_TYPES: dict[str, type] = {"generate": StageRows, "judge": StageRows, "pool": Pooled, "train": Trained,
+                                 "evaluate": Evaluated, "audit": AuditDecision,
                                  "promote": Promoted}
 
 

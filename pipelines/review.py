@@ -35,7 +35,7 @@ import io
 import math
 import posixpath
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Optional
 
 import numpy as np
 import pandas as pd
@@ -91,9 +91,14 @@ def select_for_review(pooled: Any, n: int, seed: int) -> pd.DataFrame:
     return uncertain.iloc[chosen].reset_index(drop=True)
 
 
-def export_review(pooled: Any, out_dir: str, n: int, seed: int) -> ReviewExport:
-    """Write review.parquet, review.html and labels_template.csv under `out_dir` (path or URI)."""
+def export_review(pooled: Any, out_dir: str, n: int, seed: int,
+                  images: Optional[Callable[[pd.DataFrame], list[bytes]]] = None) -> ReviewExport:
+    """Write review.parquet, review.html and labels_template.csv under `out_dir` (path or URI).
+    `images(rows)`: the PNG bytes of the chosen rows, when `pooled` does not carry them (the driver's
+    pools hold no PNGs; they are fetched for the exported few only)."""
     rows = select_for_review(pooled, n, seed)
+    if images is not None:
+        rows["png"] = images(rows)
     rows = rows[[c for c in EXPORT_COLUMNS if c in rows.columns]].reset_index(drop=True)
     fs, base = resolve_uri(out_dir)
     paths = {name: posixpath.join(base, name)

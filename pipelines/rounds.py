@@ -23,7 +23,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-import pandas as pd
 import pyarrow.fs as pafs
 
 from pipelines import pools as P
@@ -67,8 +66,8 @@ class Ctx:
 
 
 def save_stage(store: RunStore, k: int, name: str, result: Any, info: dict) -> None:
+    """Write a computed stage's tables (a `StageRows` result is already in storage) and mark it done."""
     tables, values = results.to_store(result)
-    store.clear_stage(k, name)  # an earlier crashed attempt leaves nothing behind
     for key, df in tables.items():
         store.write_table(k, name, df, name=key)
     store.mark_done(k, name, {**info, TABLES_KEY: sorted(tables), RESULT_KEY: values})
@@ -76,6 +75,8 @@ def save_stage(store: RunStore, k: int, name: str, result: Any, info: dict) -> N
 
 def load_stage(store: RunStore, k: int, name: str) -> Any:
     info = store.stage_info(k, name)
+    if results.RESULT_TYPES.get(name) is results.StageRows and not info.get(RESULT_KEY):
+        return results.StageRows(k, name, int(info["rows"]))  # written before streaming: <stage>/data.parquet
     tables = {t: store.read_table(k, name, t).to_pandas() for t in info.get(TABLES_KEY, [])}
     return results.from_store(name, tables, info.get(RESULT_KEY, {}))
 
@@ -85,6 +86,7 @@ def run_stage(store: RunStore, k: int, name: str, compute) -> Any:
     saved and marked done (a crash before that leaves no mark)."""
     if store.is_done(k, name):
         return load_stage(store, k, name)
+    store.clear_stage(k, name)  # an earlier crashed attempt leaves nothing behind
     result, info = compute()
     save_stage(store, k, name, result, info)
     return result
@@ -256,40 +258,47 @@ def adapter_path(store: RunStore, k: int) -> Optional[str]:
 
 
 # ------------------------------------------------------------------ generate / judge / pool
-def generate(cfg: Config, prompts: list[dict], k: int, adapter: Optional[str]):
-    """SampleRows; with judge.fused already judged by the generating actors (JudgedRows)."""
-    df = stages.generate_table(prompts, cfg, round_=k, adapter=adapter, judge=cfg.judge.fused)
-    return df, {"prompts": len(prompts), "rows": len(df), "adapter_round": adapter and os.path.basename(adapter),
-                "fused": cfg.judge.fused}
+def generate(ctx: Ctx, prompts: list[dict], k: int, adapter: Optional[str]):
+    """SampleRows (with judge.fused already judged by the generating actors: JudgedRows), written by
+    the actors straight into the run store; the driver gets a `StageRows` handle."""
+    cfg = ctx.cfg
+    fused = cfg.judge.fused
+    ds = stages.generate_dataset(prompts, cfg, round_=k, adapter=adapter, judge=fused)
+    rows = stages.write_rows(ds, ctx.store, k, "generate", stages.expected_samples(prompts, cfg),
+                             "judged" if fused else "sample")
+    return rows, {"prompts": len(prompts), "rows": rows.rows, "adapter_round": adapter and os.path.basename(adapter),
+                  "fused": fused}
 
 
-def judge(cfg: Config, samples: pd.DataFrame, k: int, adapter: Optional[str]):
+def judge(ctx: Ctx, samples: results.StageRows, k: int, adapter: Optional[str]):
     """The own judge's verdicts (a judge pool, or the generate stage's when fused), graded (judge.grades),
-    control arms, Nonunified."""
-    fused = "score" in samples.columns  # judged in the generate stage (judge.fused)
-    df = samples.copy() if fused else stages.judge_table(samples, cfg, adapter=adapter)
-    df = P.grade_scores(df, cfg.judge.grades)  # judge.grades=0: unchanged
-    if cfg.judge.corrupt != "none":  # control arm: the judge's scores replaced on purpose
-        raw = df["score"].copy()
-        if cfg.judge.corrupt == "oracle":  # a perfect judge (the upper bound)
-            from pipelines.audit import OracleJudge
+    control arms, Nonunified: workers read the samples and write the judged rows to the run store."""
+    cfg, store = ctx.cfg, ctx.store
+    fused = "score" in store.table_schema(samples.round, samples.stage).names  # judged in the generate stage
+    j = cfg.judge
+    if fused and not j.grades and j.corrupt == "none":
+        out = samples  # the generating actors' verdicts are the stage's rows: nothing to copy
+    else:
+        ds = samples.dataset(store)
+        if not fused:
+            ds = stages.judge_dataset(ds, cfg, adapter)
+        post = {"grades": j.grades, "corrupt": j.corrupt, "seed": derive_seed(cfg.run.seed, k, "corrupt"),
+                "binary": j.mode == "binary" or j.grades == 1}
+        ds = ds.map_batches(stages.post_judge, fn_kwargs=post, batch_format="pandas")
+        out = stages.write_rows(ds, store, k, "judge", samples.rows, "judged")
+    light = out.frame(store, columns=["prompt_id", "category", "score", "valid"])
+    ns = P.nonunified_score(light)
+    return out, {"rows": out.rows, "fused": fused, "invalid": int((~light["valid"]).sum()),
+                 "nonunified": ns.overall.rate, "corrupt": j.corrupt}
 
-            images = [stages._unpng(b) for b in df["png"]]
-            df = P.oracle_scores(df, OracleJudge().verdicts(images, list(df["prompt"])))
-        else:
-            df = P.corrupt_scores(df, cfg.judge.corrupt, seed=derive_seed(cfg.run.seed, k, "corrupt"))
-        df["raw_score"] = raw.values
-    ns = P.nonunified_score(df)
-    return df, {"rows": len(df), "fused": fused, "invalid": int((~df["valid"]).sum()), "nonunified": ns.overall.rate,
-                "corrupt": cfg.judge.corrupt}
 
-
-def pool(ctx: Ctx, k: int, judged: pd.DataFrame, prompts: list[dict]) -> tuple[results.Pooled, dict]:
-    """Pools, human labels (if `labels/round_<k>.csv|parquet` exists), training sets, review export."""
+def pool(ctx: Ctx, k: int, judged: results.StageRows, prompts: list[dict]) -> tuple[results.Pooled, dict]:
+    """Pools, human labels (if `labels/round_<k>.csv|parquet` exists), training sets, review export.
+    The judged rows come to the driver without their PNGs (the review export fetches its few)."""
     from pipelines.review import apply_labels, export_review, import_labels
 
     cfg, store = ctx.cfg, ctx.store
-    pooled = P.assign_pools(judged, cfg.pools.accept_threshold, cfg.pools.reject_threshold)
+    pooled = P.assign_pools(judged.frame(store), cfg.pools.accept_threshold, cfg.pools.reject_threshold)
     for ext in ("csv", "parquet"):  # import_labels resolves local paths and URIs alike
         if store.fs.get_file_info(store.path("labels", f"round_{k}.{ext}")).type == pafs.FileType.File:
             pooled = apply_labels(pooled, import_labels(f"{store.uri}/labels/round_{k}.{ext}"))
@@ -298,7 +307,7 @@ def pool(ctx: Ctx, k: int, judged: pd.DataFrame, prompts: list[dict]) -> tuple[r
                         seed=derive_seed(cfg.run.seed, k, "pairs"))
     if cfg.pools.review_sample and (pooled["pool"] == "uncertain").any():
         export_review(pooled, os.path.join(store.uri, f"round_{k}", "review"), cfg.pools.review_sample,
-                      cfg.pools.review_seed)
+                      cfg.pools.review_seed, images=lambda rows: judged.pngs(store, rows))
     accepted_ids = sorted(set(pooled.loc[pooled["pool"] == "accepted", "prompt_id"]))
     replayed = {r["prompt_id"] for r in prompts if r.get("replayed")}
     counts = pooled["pool"].value_counts().to_dict()

@@ -8,7 +8,8 @@ Contracts (TypedDicts, readable without their producers):
     PromptRow   prompt_id, prompt, category
     SampleRow   PromptRow + round, sample_index, seed, image_tokens, png
     JudgedRow   SampleRow + score (NaN when invalid), valid, answer
-    PooledRow   JudgedRow + pool ("accepted"|"rejected"|"uncertain"), label_source ("judge"|"human")
+    PooledRow   JudgedRow without png (it stays in storage) + pool ("accepted"|"rejected"|"uncertain"),
+                label_source ("judge"|"human")
     SFTRow      one accepted sample to fine-tune on
     PairRow     chosen vs rejected image tokens for one prompt (+ optional reference log-probs)
 
@@ -93,7 +94,7 @@ class JudgedRow(SampleRow):
     answer: str  # raw judge text ("" in prob mode)
 
 
-class PooledRow(JudgedRow):
+class PooledRow(JudgedRow):  # stored without `png`: the judge stage's table keeps the images
     pool: Pool
     label_source: LabelSource  # "human" when a reviewer's label overrode the judge
 
@@ -145,7 +146,7 @@ _PROMPT = (Col("prompt_id", "string"), Col("prompt", "string"), Col("category", 
 _SAMPLE = _PROMPT + (Col("round", "int"), Col("sample_index", "int"), Col("seed", "int"),
                      Col("image_tokens", "int_list"), Col("png", "binary"))
 _JUDGED = _SAMPLE + (Col("score", "float"), Col("valid", "bool"), Col("answer", "string"))
-_POOLED = _JUDGED + (Col("pool", "string", values=POOLS),
+_POOLED = tuple(c for c in _JUDGED if c.name != "png") + (Col("pool", "string", values=POOLS),  # PNGs stay in storage
                      Col("label_source", "string", values=LABEL_SOURCES))
 _SFT = _PROMPT + (Col("round", "int"), Col("sample_index", "int"), Col("image_tokens", "int_list"),
                   Col("score", "float"), Col("label_source", "string", values=LABEL_SOURCES))

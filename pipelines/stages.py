@@ -5,7 +5,10 @@ and `judge_table` once per round. Each is a `Dataset.map_batches` over a callabl
 model, in an actor pool (`compute=ActorPoolStrategy`), with CPUs / GPU fraction / actor count / batch
 size from the config. With `judge.fused` (the default) one pool does both: `generate_table(...,
 judge=True)` judges each batch with the actor's own model copy (the same rows as the two pools).
-Rows cross stage boundaries as Parquet in the run store, checked against `pipelines.schemas`.
+Rows cross stage boundaries as Parquet in the run store, checked against `pipelines.schemas`: the
+driver's stages (`pipelines.rounds`) write the lazy Datasets (`generate_dataset`, `judge_dataset`)
+from the workers straight into the store (`write_rows`); `generate_table` / `judge_table` collect
+the same rows on the driver (tests, benchmarks).
 
 Determinism: a sample's seed derives from (run seed, round, prompt id, sample index) only
 (`sample_seed`), and `JanusUnified.generate_images` draws each sample from its own random stream, so
@@ -179,11 +182,16 @@ def _to_frame(ds) -> pd.DataFrame:
     return df
 
 
-def generate_table(prompts: list[dict], cfg: Config, round_: int, adapter: Optional[str] = None,
-                   judge: bool = False) -> pd.DataFrame:
-    """SampleRows for `prompts` (PromptRows): N per prompt (`generate.num_images`, or
-    `generate.num_images_by_category[category]`), in canonical order. judge=True: JudgedRows, the
-    same actors judging their own samples (GenerateJudgeUDF; the rows `judge_table` would give)."""
+def expected_samples(prompts: list[dict], cfg: Config) -> int:
+    """How many samples the generate stage draws for `prompts` (generate.num_images[_by_category])."""
+    g = cfg.generate
+    return sum(g.num_images_by_category.get(p["category"], g.num_images) for p in prompts)
+
+
+def generate_dataset(prompts: list[dict], cfg: Config, round_: int, adapter: Optional[str] = None,
+                     judge: bool = False):
+    """The lazy Ray Dataset of SampleRows (JudgedRows with judge=True) for `prompts`: nothing runs
+    until it is consumed (`generate_table`, or `write_rows` straight from the actors to storage)."""
     import ray
 
     check_table(prompts, "prompt", STAGE_GENERATE)
@@ -194,14 +202,35 @@ def generate_table(prompts: list[dict], cfg: Config, round_: int, adapter: Optio
               "adapter": adapter}
     if judge:
         kwargs.update(mode=cfg.judge.mode, judge_batch_size=cfg.judge.batch_size)
-    ds = ray.data.from_items(list(prompts)).map_batches(
+    return ray.data.from_items(list(prompts)).map_batches(
         GenerateJudgeUDF if judge else GenerateUDF, batch_size=g.batch_size, batch_format="numpy",
         fn_constructor_kwargs=kwargs, compute=ray.data.ActorPoolStrategy(size=g.num_actors),
         num_cpus=g.num_cpus_per_actor, num_gpus=g.num_gpus_per_actor or None,
     )
-    df = _canonical(_to_frame(ds))
+
+
+def judge_dataset(samples, cfg: Config, adapter: Optional[str] = None):
+    """The lazy Ray Dataset of JudgedRows for a Dataset of SampleRows (the judge actor pool)."""
+    import ray
+
+    j = cfg.judge
+    return samples.map_batches(
+        JudgeUDF, batch_size=j.batch_size, batch_format="numpy",
+        fn_constructor_kwargs={"model": _model_args(cfg), "mode": j.mode, "adapter": adapter},
+        compute=ray.data.ActorPoolStrategy(size=j.num_actors),
+        num_cpus=j.num_cpus_per_actor, num_gpus=j.num_gpus_per_actor or None,
+    )
+
+
+def generate_table(prompts: list[dict], cfg: Config, round_: int, adapter: Optional[str] = None,
+                   judge: bool = False) -> pd.DataFrame:
+    """SampleRows for `prompts` (PromptRows), collected on the driver: N per prompt
+    (`generate.num_images`, or `generate.num_images_by_category[category]`), in canonical order.
+    judge=True: JudgedRows, the same actors judging their own samples (GenerateJudgeUDF; the rows
+    `judge_table` would give). The driver's stages write the same Dataset to storage instead (`write_rows`)."""
+    df = _canonical(_to_frame(generate_dataset(prompts, cfg, round_, adapter, judge)))
     check_table(df, "judged" if judge else "sample", STAGE_GENERATE)
-    expected = sum(g.num_images_by_category.get(p["category"], g.num_images) for p in prompts)
+    expected = expected_samples(prompts, cfg)
     if len(df) != expected:
         raise RuntimeError(f"stage 'generate': expected {expected} samples, got {len(df)}")
     return df
@@ -212,15 +241,61 @@ def judge_table(samples: pd.DataFrame, cfg: Config, adapter: Optional[str] = Non
     import ray
 
     check_table(samples, "sample", STAGE_JUDGE)
-    j = cfg.judge
-    ds = ray.data.from_arrow(pa.Table.from_pandas(samples, preserve_index=False)).map_batches(
-        JudgeUDF, batch_size=j.batch_size, batch_format="numpy",
-        fn_constructor_kwargs={"model": _model_args(cfg), "mode": j.mode, "adapter": adapter},
-        compute=ray.data.ActorPoolStrategy(size=j.num_actors),
-        num_cpus=j.num_cpus_per_actor, num_gpus=j.num_gpus_per_actor or None,
-    )
+    ds = judge_dataset(ray.data.from_arrow(pa.Table.from_pandas(samples, preserve_index=False)), cfg, adapter)
     df = _canonical(_to_frame(ds))
     check_table(df, "judged", STAGE_JUDGE)
     if len(df) != len(samples):
         raise RuntimeError(f"stage 'judge': {len(samples)} samples in, {len(df)} judged rows out")
+    return df
+
+
+# ------------------------------------------------------------------ rows straight to storage
+def _storable(batch: pa.Table) -> pa.Table:
+    """Ray's tensor columns (image tokens, (B, T)) as list<int64>: the run store's row schema."""
+    for i, f in enumerate(batch.schema):
+        if isinstance(f.type, pa.ExtensionType) and hasattr(batch.column(i).combine_chunks(), "to_numpy_ndarray"):
+            arr = batch.column(i).combine_chunks().to_numpy_ndarray().astype(np.int64)
+            batch = batch.set_column(i, f.name, pa.array(list(arr), type=pa.list_(pa.int64())))
+    return batch
+
+
+def write_rows(ds, store, round_: int, stage: str, expected: int, schema: str):
+    """Run `ds` and write its rows from the workers straight into `<stage>/data/` of the run store
+    (Parquet part files; the driver never holds the rows). Then check, on the key columns alone, the
+    schema and that each of the `expected` rows is there exactly once: a retried task that wrote
+    twice, or a lost block, fails the stage (nothing is marked done; a rerun starts clean)."""
+    from pipelines.results import StageRows
+
+    path = store.path(f"round_{int(round_)}", stage, "data")
+    ds.map_batches(_storable, batch_format="pyarrow").write_parquet(path, filesystem=store.fs)
+    rows = StageRows(int(round_), stage, expected)
+    if expected == 0:
+        return rows
+    check_table(store.table_schema(round_, stage).empty_table(), schema, stage)
+    keys = rows.frame(store, columns=["prompt_id", "sample_index"])
+    dup = int(keys.duplicated().sum())
+    if len(keys) != expected or dup:
+        raise RuntimeError(f"stage {stage!r}: expected {expected} rows exactly once in {path}, found {len(keys)} "
+                           f"({dup} duplicated). On a multi-node cluster run.root must be storage every node "
+                           "writes to (s3://, gs://, a shared mount): a node-local dir keeps other nodes' rows.")
+    return rows
+
+
+def post_judge(batch: pd.DataFrame, grades: int, corrupt: str, seed: int, binary: bool) -> pd.DataFrame:
+    """The judge stage's per-row work after the verdicts, run in the workers: graded scores
+    (judge.grades) and the control arms (judge.corrupt: oracle / random / inverted; the score before
+    corruption kept in `raw_score`). Every step is per row, so the batching does not matter."""
+    from pipelines import pools as P
+
+    df = P.grade_scores(batch, grades)  # grades=0: unchanged
+    if corrupt == "none":
+        return df
+    raw = df["score"].copy()
+    if corrupt == "oracle":  # a perfect judge (the upper bound)
+        from pipelines.audit import OracleJudge
+
+        df = P.oracle_scores(df, OracleJudge().verdicts([_unpng(b) for b in df["png"]], list(df["prompt"])))
+    else:
+        df = P.corrupt_scores(df, corrupt, seed=seed, binary=binary)
+    df["raw_score"] = raw.values
     return df

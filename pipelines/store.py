@@ -224,13 +224,25 @@ class RunStore:
         atomic_write(self.fs, target, lambda p: pq.write_table(table, p, filesystem=self.fs))
         return target
 
-    def read_table(self, round_: int, stage: str, name: str = "data") -> pa.Table:
-        """Read <stage>/<name>.parquet, or a <stage>/<name>/ directory of part files (Ray Data)."""
+    def table_path(self, round_: int, stage: str, name: str = "data") -> str:
+        """Where table `name` of a stage lives: <stage>/<name>.parquet (written by the driver), or a
+        <stage>/<name>/ directory of part files (written by Ray Data workers)."""
         base = posixpath.join(self.stage_dir(round_, stage), _check_name("table", name))
         for candidate in (base + ".parquet", base):
             if self.fs.get_file_info(candidate).type != pafs.FileType.NotFound:
-                return pq.read_table(candidate, filesystem=self.fs)  # ignores ".tmp-*" files
+                return candidate
         raise RunStoreError(f"no table {name!r} for round {round_} stage {stage!r} in {self.uri}")
+
+    def read_table(self, round_: int, stage: str, name: str = "data", columns: Optional[list[str]] = None,
+                   filters: Any = None) -> pa.Table:
+        """Read a stage's table (`table_path`), optionally only some columns / rows (pyarrow
+        `filters`, e.g. [("prompt_id", "in", ids)]): a projection never reads the other columns."""
+        return pq.read_table(self.table_path(round_, stage, name), filesystem=self.fs, columns=columns,
+                             filters=filters)  # ignores ".tmp-*" files
+
+    def table_schema(self, round_: int, stage: str, name: str = "data") -> pa.Schema:
+        """The table's schema, from the Parquet footers alone."""
+        return pq.ParquetDataset(self.table_path(round_, stage, name), filesystem=self.fs).schema
 
     def clear_stage(self, round_: int, stage: str) -> None:
         """Remove an incomplete stage's leftovers before rerunning it; completed stages are kept."""

@@ -95,8 +95,11 @@ def test_two_rounds_end_to_end(finished):
         metrics = manifest["rounds"][str(k)]["stages"]["evaluate"]["info"]["result"]["metrics"]
         assert 0 <= metrics["eval/val_accuracy"] <= 1 and metrics["eval/val_accuracy/n"] == 4
         assert metrics["eval/val_gain_vs_base/n"] == 2
-        generated = set(pq.read_table(run_dir / f"round_{k}" / "generate" / "data.parquet")["prompt_id"].to_pylist())
+        parts = run_dir / f"round_{k}" / "generate" / "data"  # written by the actors, not the driver
+        assert parts.is_dir() and list(parts.glob("*.parquet"))
+        generated = set(pq.read_table(parts)["prompt_id"].to_pylist())
         assert generated and not generated & val_ids
+        assert "png" not in pq.read_schema(run_dir / f"round_{k}" / "pool" / "data.parquet").names
 
 
 def test_compare_tables_the_finished_run_with_paired_gains(finished, tmp_path):

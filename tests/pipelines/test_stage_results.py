@@ -6,7 +6,7 @@ import pytest
 from pipelines.audit import AuditDecision
 from pipelines.config import config_from_dict
 from pipelines.improve import promote
-from pipelines.results import Evaluated, Pooled, Promoted, Trained
+from pipelines.results import Evaluated, Pooled, Promoted, StageRows, Trained
 from pipelines.rounds import RESULT_KEY, TABLES_KEY, load_stage, run_stage, save_stage
 from pipelines.store import RunStore
 
@@ -40,6 +40,7 @@ def assert_same(a, b):
     ("evaluate", Evaluated({"eval/gen_accuracy": 0.25}, 0, frame(4), frame(2))),
     ("audit", AuditDecision(True, False, "better", 1, "gen_accuracy", 0.3, 0.2, 0.1, round=2, tolerance=0.02)),
     ("promote", Promoted(best=2, head=2)),
+    ("judge", StageRows(1, "generate", 1600)),  # a fused judge stage pointing at the generate stage's rows
 ])
 def test_each_result_comes_back_from_the_store_unchanged(store, stage, result):
     save_stage(store, 1, stage, result, {"rows": 1})
@@ -53,8 +54,11 @@ def test_tables_hold_the_frames_and_the_manifest_the_rest(store):
     info = store.stage_info(1, "evaluate")
     assert info[TABLES_KEY] == ["pairs", "samples"]  # no validation table when there was no validation slice
     assert info[RESULT_KEY] == {"metrics": {"eval/gen_accuracy": 0.5}, "model_round": 1}
-    save_stage(store, 2, "generate", frame(3), {})  # row stages stay DataFrames
-    pd.testing.assert_frame_equal(load_stage(store, 2, "generate"), frame(3))
+    # a row stage as the driver wrote it before the workers streamed rows to storage: read as a handle
+    save_stage(store, 2, "generate", frame(3), {"rows": 3})
+    rows = load_stage(store, 2, "generate")
+    assert rows == StageRows(2, "generate", 3)
+    pd.testing.assert_frame_equal(rows.frame(store), frame(3))
 
 
 def test_run_dirs_written_with_dict_results_still_load(store):

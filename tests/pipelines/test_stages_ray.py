@@ -89,6 +89,71 @@ def test_fused_generate_judge_gives_the_two_pool_rows(reference):
     assert set(fused.columns) == set(judged.columns)
 
 
+def _forbid(*args, **kwargs):
+    raise AssertionError("the driver collected a Dataset's rows")
+
+
+@pytest.fixture
+def no_driver_collect(monkeypatch):
+    """Every way of pulling a Dataset's rows into the driver fails the test while it is active."""
+    import ray
+
+    for name in ("to_pandas", "take_all", "take", "iter_rows", "iter_batches", "to_arrow_refs"):
+        monkeypatch.setattr(ray.data.Dataset, name, _forbid)
+
+
+@pytest.mark.parametrize("fused,corrupt", [(False, "none"), (True, "inverted")])
+def test_stages_stream_rows_from_the_workers_to_storage(reference, tmp_path, no_driver_collect, fused, corrupt):
+    """The driver's generate and judge stages: the workers write the rows (Parquet part files), the
+    driver collects none; they equal the collected tables (generate_table / judge_table); a fused judge
+    with nothing to add keeps the generate stage's rows instead of copying them."""
+    from types import SimpleNamespace
+
+    from pipelines import rounds
+
+    cfg, samples, judged = reference
+    cfg = make_cfg(judge={"fused": fused, "corrupt": corrupt})
+    store = RunStore(str(tmp_path), "s")
+    store.init(cfg)
+    ctx = SimpleNamespace(cfg=cfg, store=store)
+    gen, info = rounds.generate(ctx, PROMPTS, 1, None)
+    assert gen.rows == info["rows"] == len(samples)
+    parts = os.listdir(tmp_path / "s" / "round_1" / "generate" / "data")
+    assert parts and all(p.endswith(".parquet") for p in parts)
+    got = gen.frame(store, images=True)
+    assert got["image_tokens"].map(list).tolist() == samples["image_tokens"].tolist()
+    assert got["png"].tolist() == samples["png"].tolist()
+    assert "png" not in gen.frame(store).columns
+    out, info = rounds.judge(ctx, gen, 1, None)
+    assert out.rows == len(samples) and info["fused"] == fused
+    rows = out.frame(store)
+    assert rows[["prompt_id", "sample_index"]].values.tolist() == judged[["prompt_id", "sample_index"]].values.tolist()
+    own = judged["score"].to_numpy()
+    np.testing.assert_allclose(rows["score"], 1.0 - own if corrupt == "inverted" else own, atol=1e-5)
+    if corrupt == "inverted":
+        np.testing.assert_allclose(rows["raw_score"], own, atol=1e-5)
+    assert info["nonunified"] == pytest.approx(stages_nonunified(rows))
+
+
+def stages_nonunified(rows):
+    from pipelines.pools import nonunified_score
+
+    return nonunified_score(rows).overall.rate
+
+
+def test_a_row_written_twice_fails_the_stage(reference, tmp_path):
+    """write_rows' exactly-once check can fail: the same rows written twice into one stage dir."""
+    import ray
+
+    cfg, samples, _ = reference
+    store = RunStore(str(tmp_path), "d")
+    store.init(cfg)
+    ds = ray.data.from_pandas(samples)
+    stages.write_rows(ds, store, 1, "generate", len(samples), "sample")
+    with pytest.raises(RuntimeError, match=r"exactly once .* \(10 duplicated\)"):
+        stages.write_rows(ds, store, 1, "generate", len(samples), "sample")
+
+
 def test_judge_adds_scores(reference):
     _, samples, judged = reference
     assert len(judged) == len(samples) and judged["valid"].all()
@@ -143,9 +208,15 @@ def slow_generation(monkeypatch):
 
 
 def test_killed_actor_loses_and_duplicates_nothing(reference, tmp_path, slow_generation):
-    cfg, samples, _ = reference
+    from types import SimpleNamespace
+
+    from pipelines import rounds
+
+    _, samples, _ = reference
+    cfg = make_cfg(judge={"fused": False})  # the generate stage's actors are GenerateUDF (slowed)
     store = RunStore(str(tmp_path), "killed")
     store.init(cfg)
+    ctx = SimpleNamespace(cfg=cfg, store=store)
     killed = []
 
     def killer():
@@ -160,7 +231,7 @@ def test_killed_actor_loses_and_duplicates_nothing(reference, tmp_path, slow_gen
 
     t = threading.Thread(target=killer)
     t.start()
-    compute = lambda: (generate_table(PROMPTS, cfg, round_=1), {})  # noqa: E731
+    compute = lambda: rounds.generate(ctx, PROMPTS, 1, None)  # noqa: E731  (the actors write to the store)
     try:
         out = run_stage(store, 1, "generate", compute)
     except Exception:  # failing loudly is allowed; then a rerun must complete
@@ -169,10 +240,11 @@ def test_killed_actor_loses_and_duplicates_nothing(reference, tmp_path, slow_gen
     t.join()
     assert killed, "the test never saw a generate actor to kill"
     assert store.is_done(1, "generate")
-    assert out[["prompt_id", "sample_index"]].value_counts().max() == 1
-    assert out["image_tokens"].tolist() == samples["image_tokens"].tolist()
+    rows = out.frame(store, images=True)
+    assert rows[["prompt_id", "sample_index"]].value_counts().max() == 1
+    assert rows["image_tokens"].map(list).tolist() == samples["image_tokens"].tolist()
     again = run_stage(store, 1, "generate", lambda: pytest.fail("a finished stage must not recompute"))
-    assert again["png"].tolist() == samples["png"].tolist()
+    assert again.frame(store, images=True)["png"].tolist() == samples["png"].tolist()
 
 
 def test_sharded_evaluation_gives_the_same_rows_and_metrics(ray_session):
