@@ -1,0 +1,107 @@
+"""Driver memory of a round's data stages: rows streamed from the workers to storage vs collected.
+
+What it measures: --prompts synthetic prompts x 1 image of the tiny random model go through
+generate + self-judge (one fused actor pool, 2 actors) and the pool stage, in a fresh process per
+setting on a fresh local Ray (2 CPUs); each process reports the driver's peak RSS (ru_maxrss), the
+wall time and the rows that arrived. Settings, side by side in one run, for each prompt count:
+  stream    what the driver runs today: `pipelines.rounds.generate / judge / pool`. The actors write
+            the rows (Parquet part files) into the run store; the driver reads the key columns
+            (exactly-once check) and the pool stage's columns without the PNGs.
+  collect   the code before streaming: `pipelines.stages.generate_table` collects every row
+            (PNG included) on the driver, which writes it to the store and pools it.
+  baseline  a process that imports the same modules, starts Ray and does nothing else.
+Both settings check that every row arrives exactly once. The tiny model's PNGs are ~100 bytes
+(32 px) and its tokens 16 per image, so the collect/stream ratio here is a floor: at Janus-Pro's
+384 px PNGs (~100-200 kB) the collected table is ~1000x larger per row, the streamed one is not.
+
+Run: OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/bench_pipeline.py [--prompts 5000 50000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+CHILD = r"""
+import json, os, resource, sys, time
+from types import SimpleNamespace
+import ray
+from pipelines import pools as P, rounds
+from pipelines.config import config_from_dict
+from pipelines.stages import generate_table
+from pipelines.store import RunStore
+mode, n, root = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+ray.init(num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=False, log_to_driver=False,
+         runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+ray.data.DataContext.get_current().enable_progress_bars = False
+cfg = config_from_dict({"model": {"path": "tiny", "device": "cpu"}, "prompts": {"source": "prompts.jsonl"},
+                        "audit": {"backend": "vlm", "vlm_path": "unused"}, "pools": {"review_sample": 0},
+                        "generate": {"num_images": 1, "batch_size": 250, "num_actors": 2},
+                        "judge": {"mode": "prob", "batch_size": 250, "fused": True}})
+colours, shapes = ["red", "green", "blue", "yellow"], ["circle", "square", "triangle"]
+prompts = [{"prompt_id": f"p{i:06d}", "prompt": f"a {colours[i % 4]} {shapes[i % 3]} number {i}", "category": "single"}
+           for i in range(n)]
+store = RunStore(root, mode)
+store.init(cfg)
+t0 = time.perf_counter()
+rows = 0
+if mode == "stream":
+    ctx = SimpleNamespace(cfg=cfg, store=store)
+    gen, _ = rounds.generate(ctx, prompts, 1, None)
+    judged, _ = rounds.judge(ctx, gen, 1, None)
+    pooled, _ = rounds.pool(ctx, 1, judged, prompts)
+    rows = len(pooled.data)
+elif mode == "collect":
+    df = generate_table(prompts, cfg, round_=1, judge=True)  # checks the count
+    assert df[["prompt_id", "sample_index"]].duplicated().sum() == 0
+    store.write_table(1, "generate", df)
+    pooled = P.assign_pools(df, cfg.pools.accept_threshold, cfg.pools.reject_threshold)
+    store.write_table(1, "pool", pooled)
+    sft = P.sft_set(pooled, cfg.pools.sft_select, cfg.pools.best_of_n_keep_above, cfg.pools.category_cap)
+    rows = len(pooled)
+print(json.dumps({"mode": mode, "prompts": n, "rows": rows, "seconds": round(time.perf_counter() - t0, 1),
+                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def run(mode: str, n: int, root: str) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    out = subprocess.run([sys.executable, "-c", CHILD, mode, str(n), root], env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"{mode} {n} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompts", type=int, nargs="+", default=[5000, 50000])
+    args = ap.parse_args()
+    res = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        base = run("baseline", 0, os.path.join(tmp, "b"))["peak_rss_mib"]
+        for n in args.prompts:
+            for mode in ("stream", "collect"):
+                r = run(mode, n, os.path.join(tmp, f"{mode}{n}"))
+                assert r["rows"] == n, r
+                res[(mode, n)] = r
+    print(f"baseline (imports + Ray, no rows): peak RSS {base:.0f} MiB")
+    print("| prompts x 1 image | setting | seconds | driver peak RSS MiB | above baseline MiB |")
+    print("|---:|---|---:|---:|---:|")
+    for (mode, n), r in sorted(res.items(), key=lambda kv: (kv[0][1], kv[0][0] != "stream")):
+        print(f"| {n} | {mode} | {r['seconds']} | {r['peak_rss_mib']:.0f} | {r['peak_rss_mib'] - base:.0f} |")
+    for n in args.prompts:
+        s, c = res[("stream", n)]["peak_rss_mib"] - base, res[("collect", n)]["peak_rss_mib"] - base
+        print(f"{n} prompts: collect / stream, driver RSS above baseline: x{c / max(s, 1):.2f}")
+    if len(args.prompts) > 1:
+        lo, hi = min(args.prompts), max(args.prompts)
+        for mode in ("stream", "collect"):
+            a, b = res[(mode, lo)]["peak_rss_mib"] - base, res[(mode, hi)]["peak_rss_mib"] - base
+            print(f"{mode}: driver RSS above baseline grows x{b / max(a, 1):.2f} from {lo} to {hi} prompts")
+
+
+if __name__ == "__main__":
+    main()
