@@ -222,10 +222,11 @@ def test_job_submit_runs_a_round_on_the_worker_node(cluster, tmp_path):
     assert manifest["pointers"]["latest"] == 1 and "[round 1] promote" in logs
     print("\n".join(line for line in logs.splitlines() if line.startswith("[round")))  # stage times (-s)
 
-    import pyarrow.parquet as pq
+    from pipelines.rounds import load_stage
+    from pipelines.store import RunStore
 
-    generated = pq.read_table(run_dir / "round_1" / "generate" / "data.parquet").to_pandas()
-    judged = pq.read_table(run_dir / "round_1" / "judge" / "data.parquet").to_pandas()
+    store = RunStore(str(tmp_path), "multinode")  # the rows the worker node's actors wrote to the store
+    generated, judged = (load_stage(store, 1, name).frame(store) for name in ("generate", "judge"))
     assert len(generated) == 4 * 2
     assert set(generated["node_id"]) == set(worker), "generation actors must run on the worker node"
     assert set(judged["judge_node_id"]) == set(worker), "judge actors must run on the worker node"
