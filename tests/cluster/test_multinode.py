@@ -10,7 +10,8 @@ tables' `node_id` / `judge_node_id` columns must name the worker node: the head 
 every actor has to be scheduled there.
 
 Isolation from other Rays on this machine (other test sessions run local Rays concurrently):
-  * every port is picked free (GCS, dashboard, client server, agents, metrics, node/object managers);
+  * every port is picked free and distinct (GCS, dashboard, client server, agents, metrics, node/object
+    managers): bind(0) can hand the same port out twice once its socket closes, so picks are remembered;
   * each node has its own short `--temp-dir` (Ray's unix socket paths cap the length);
   * each `ray start --block` runs in its own process group; teardown signals those groups, then
     kills (by pid) leftover processes whose command line names our temp dirs. Never `ray stop`: it
@@ -53,10 +54,23 @@ OVERRIDES = ["run.name=multinode", "run.rounds=1", "prompts.limit=4", "generate.
              "train.num_workers=1", "wandb.mode=disabled", "pools.review_sample=0"]
 
 
+_TAKEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port never handed out before in this session.
+
+    The OS may return the same ephemeral port to two back-to-back bind(0) calls once the first socket
+    is closed; Ray refuses a node whose components share a port (CI saw dashboard_agent_grpc ==
+    runtime_env_agent), so every port picked here is remembered and not given again.
+    """
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _TAKEN:
+            _TAKEN.add(port)
+            return port
 
 
 def node_ports() -> list[str]:
@@ -64,6 +78,11 @@ def node_ports() -> list[str]:
     names = ["--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
              "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port"]
     return [arg for name in names for arg in (name, str(free_port()))]
+
+
+def test_free_ports_are_distinct():
+    ports = [free_port() for _ in range(200)]
+    assert len(set(ports)) == len(ports)
 
 
 @dataclass
