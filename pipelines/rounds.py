@@ -263,9 +263,10 @@ def generate(ctx: Ctx, prompts: list[dict], k: int, adapter: Optional[str]):
     the actors straight into the run store; the driver gets a `StageRows` handle."""
     cfg = ctx.cfg
     fused = cfg.judge.fused
-    ds = stages.generate_dataset(prompts, cfg, round_=k, adapter=adapter, judge=fused)
-    rows = stages.write_rows(ds, ctx.store, k, "generate", stages.expected_samples(prompts, cfg),
-                             "judged" if fused else "sample")
+    schema = "judged" if fused else "sample"
+    ds = stages.generate_dataset(prompts, cfg, round_=k, adapter=adapter, judge=fused,
+                                 sink=stages.stage_sink(ctx.store, k, "generate", schema))  # actors write
+    rows = stages.write_rows(ds, ctx.store, k, "generate", stages.expected_samples(prompts, cfg), schema, written=True)
     return rows, {"prompts": len(prompts), "rows": rows.rows, "adapter_round": adapter and os.path.basename(adapter),
                   "fused": fused}
 
@@ -280,12 +281,15 @@ def judge(ctx: Ctx, samples: results.StageRows, k: int, adapter: Optional[str]):
         out = samples  # the generating actors' verdicts are the stage's rows: nothing to copy
     else:
         ds = samples.dataset(store)
-        if not fused:
-            ds = stages.judge_dataset(ds, cfg, adapter)
-        post = {"grades": j.grades, "corrupt": j.corrupt, "seed": derive_seed(cfg.run.seed, k, "corrupt"),
-                "binary": j.mode == "binary" or j.grades == 1}
-        ds = ds.map_batches(stages.post_judge, fn_kwargs=post, batch_format="pandas")
-        out = stages.write_rows(ds, store, k, "judge", samples.rows, "judged")
+        post = j.grades or j.corrupt != "none"
+        if not fused:  # the judge actors write their rows unless post-processing follows
+            sink = None if post else stages.stage_sink(store, k, "judge", "judged")
+            ds = stages.judge_dataset(ds, cfg, adapter, sink=sink)
+        if post:
+            kw = {"grades": j.grades, "corrupt": j.corrupt, "seed": derive_seed(cfg.run.seed, k, "corrupt"),
+                  "binary": j.mode == "binary" or j.grades == 1}
+            ds = ds.map_batches(stages.post_judge, fn_kwargs=kw, batch_format="pandas")
+        out = stages.write_rows(ds, store, k, "judge", samples.rows, "judged", written=not post)
     light = out.frame(store, columns=["prompt_id", "category", "score", "valid"])
     ns = P.nonunified_score(light)
     return out, {"rows": out.rows, "fused": fused, "invalid": int((~light["valid"]).sum()),

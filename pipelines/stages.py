@@ -1,14 +1,14 @@
 """Ray Data stages: generate N images per prompt, then let the same model judge them.
 
-Where it fits: the driver's generate and judge stages (`pipelines.rounds`) call `generate_table`
-and `judge_table` once per round. Each is a `Dataset.map_batches` over a callable class holding the
+Where it fits: the driver's generate and judge stages (`pipelines.rounds`) build `generate_dataset`
+and `judge_dataset` once per round. Each is a `Dataset.map_batches` over a callable class holding the
 model, in an actor pool (`compute=ActorPoolStrategy`), with CPUs / GPU fraction / actor count / batch
-size from the config. With `judge.fused` (the default) one pool does both: `generate_table(...,
-judge=True)` judges each batch with the actor's own model copy (the same rows as the two pools).
-Rows cross stage boundaries as Parquet in the run store, checked against `pipelines.schemas`: the
-driver's stages (`pipelines.rounds`) write the lazy Datasets (`generate_dataset`, `judge_dataset`)
-from the workers straight into the store (`write_rows`); `generate_table` / `judge_table` collect
-the same rows on the driver (tests, benchmarks).
+size from the config. With `judge.fused` (the default) one pool does both: it judges each batch with
+the actor's own model copy (the same rows as the two pools). Rows cross stage boundaries as Parquet
+in the run store, checked against `pipelines.schemas`: the actors write their own rows as part files
+(a `stage_sink`; `write_rows` runs the Dataset and checks that every row landed exactly once), so
+the driver never holds them; `generate_table` / `judge_table` collect the same rows on the driver
+(tests, benchmarks).
 
 Determinism: a sample's seed derives from (run seed, round, prompt id, sample index) only
 (`sample_seed`), and `JanusUnified.generate_images` draws each sample from its own random stream, so
@@ -74,15 +74,16 @@ def _unpng(data: bytes):
 class GenerateUDF:
     """Holds one model; maps a batch of PromptRows to N SampleRows per prompt."""
 
-    def __init__(self, model: dict, gen: dict, run_seed: int, round_: int, adapter: Optional[str] = None):
+    def __init__(self, model: dict, gen: dict, run_seed: int, round_: int, adapter: Optional[str] = None,
+                 sink: Optional[dict] = None):
         from models.loading import load_model
 
         _worker_setup()
         self.m = load_model(model["path"], model["dtype"], model["device"], adapter=adapter, merge=True)
-        self.gen, self.run_seed, self.round = gen, run_seed, round_
+        self.gen, self.run_seed, self.round, self.sink = gen, run_seed, round_, sink
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        return self.generate(batch)[0]
+        return _emit(self.generate(batch)[0], self.sink)
 
     def generate(self, batch: dict[str, np.ndarray]) -> tuple[dict[str, Any], list]:
         """(SampleRows columns, their PIL images in row order)."""
@@ -142,29 +143,29 @@ class GenerateJudgeUDF(GenerateUDF):
     no PNG round trip; the rows equal GenerateUDF followed by JudgeUDF's."""
 
     def __init__(self, model: dict, gen: dict, run_seed: int, round_: int, adapter: Optional[str] = None,
-                 mode: Optional[str] = None, judge_batch_size: int = 64):
-        super().__init__(model, gen, run_seed, round_, adapter)
+                 mode: Optional[str] = None, judge_batch_size: int = 64, sink: Optional[dict] = None):
+        super().__init__(model, gen, run_seed, round_, adapter, sink)
         self.mode, self.judge_batch_size = mode or self.m.default_judge_mode, judge_batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         rows, images = self.generate(batch)
-        return _add_verdicts(self.m, self.mode, rows, images, self.judge_batch_size)
+        return _emit(_add_verdicts(self.m, self.mode, rows, images, self.judge_batch_size), self.sink)
 
 
 class JudgeUDF:
     """Holds the same model (the round's adapter); adds score / valid / answer to SampleRows."""
 
-    def __init__(self, model: dict, mode: Optional[str], adapter: Optional[str] = None):
+    def __init__(self, model: dict, mode: Optional[str], adapter: Optional[str] = None, sink: Optional[dict] = None):
         from models.loading import load_model
 
         _worker_setup()
         self.m = load_model(model["path"], model["dtype"], model["device"], adapter=adapter, merge=True)
-        self.mode = mode or self.m.default_judge_mode
+        self.mode, self.sink = mode or self.m.default_judge_mode, sink
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         check_batch(batch, "sample", STAGE_JUDGE)
         images = [_unpng(b) for b in batch["png"]]
-        return _add_verdicts(self.m, self.mode, batch, images, max(1, len(images)))
+        return _emit(_add_verdicts(self.m, self.mode, batch, images, max(1, len(images))), self.sink)
 
 
 def _model_args(cfg: Config) -> dict:
@@ -189,9 +190,10 @@ def expected_samples(prompts: list[dict], cfg: Config) -> int:
 
 
 def generate_dataset(prompts: list[dict], cfg: Config, round_: int, adapter: Optional[str] = None,
-                     judge: bool = False):
+                     judge: bool = False, sink: Optional[dict] = None):
     """The lazy Ray Dataset of SampleRows (JudgedRows with judge=True) for `prompts`: nothing runs
-    until it is consumed (`generate_table`, or `write_rows` straight from the actors to storage)."""
+    until it is consumed (`generate_table`). With a `sink` (`stage_sink`) the actors write their rows
+    into the run store themselves and the Dataset yields only row counts (`write_rows(..., written=True)`)."""
     import ray
 
     check_table(prompts, "prompt", STAGE_GENERATE)
@@ -199,7 +201,7 @@ def generate_dataset(prompts: list[dict], cfg: Config, round_: int, adapter: Opt
     gen = {"num_images": g.num_images, "cfg_weight": g.cfg_weight, "temperature": g.temperature, "top_k": g.top_k,
            "num_images_by_category": dict(g.num_images_by_category)}
     kwargs = {"model": _model_args(cfg), "gen": gen, "run_seed": cfg.run.seed, "round_": round_,
-              "adapter": adapter}
+              "adapter": adapter, "sink": sink}
     if judge:
         kwargs.update(mode=cfg.judge.mode, judge_batch_size=cfg.judge.batch_size)
     return ray.data.from_items(list(prompts)).map_batches(
@@ -209,14 +211,15 @@ def generate_dataset(prompts: list[dict], cfg: Config, round_: int, adapter: Opt
     )
 
 
-def judge_dataset(samples, cfg: Config, adapter: Optional[str] = None):
-    """The lazy Ray Dataset of JudgedRows for a Dataset of SampleRows (the judge actor pool)."""
+def judge_dataset(samples, cfg: Config, adapter: Optional[str] = None, sink: Optional[dict] = None):
+    """The lazy Ray Dataset of JudgedRows for a Dataset of SampleRows (the judge actor pool); a `sink`
+    as in `generate_dataset`."""
     import ray
 
     j = cfg.judge
     return samples.map_batches(
         JudgeUDF, batch_size=j.batch_size, batch_format="numpy",
-        fn_constructor_kwargs={"model": _model_args(cfg), "mode": j.mode, "adapter": adapter},
+        fn_constructor_kwargs={"model": _model_args(cfg), "mode": j.mode, "adapter": adapter, "sink": sink},
         compute=ray.data.ActorPoolStrategy(size=j.num_actors),
         num_cpus=j.num_cpus_per_actor, num_gpus=j.num_gpus_per_actor or None,
     )
@@ -250,24 +253,58 @@ def judge_table(samples: pd.DataFrame, cfg: Config, adapter: Optional[str] = Non
 
 
 # ------------------------------------------------------------------ rows straight to storage
-def _storable(batch: pa.Table) -> pa.Table:
-    """Ray's tensor columns (image tokens, (B, T)) as list<int64>: the run store's row schema."""
-    for i, f in enumerate(batch.schema):
-        if isinstance(f.type, pa.ExtensionType) and hasattr(batch.column(i).combine_chunks(), "to_numpy_ndarray"):
-            arr = batch.column(i).combine_chunks().to_numpy_ndarray().astype(np.int64)
-            batch = batch.set_column(i, f.name, pa.array(list(arr), type=pa.list_(pa.int64())))
-    return batch
+def stage_sink(store, round_: int, stage: str, schema: str) -> dict:
+    """Where the workers of a stage write its rows: `round_<k>/<stage>/data/` of the run store."""
+    return {"fs": store.fs, "path": store.path(f"round_{int(round_)}", stage, "data"), "schema": schema}
 
 
-def write_rows(ds, store, round_: int, stage: str, expected: int, schema: str):
-    """Run `ds` and write its rows from the workers straight into `<stage>/data/` of the run store
-    (Parquet part files; the driver never holds the rows). Then check, on the key columns alone, the
-    schema and that each of the `expected` rows is there exactly once: a retried task that wrote
-    twice, or a lost block, fails the stage (nothing is marked done; a rerun starts clean)."""
+def _emit(rows: Any, sink: Optional[dict]) -> Any:
+    """A UDF's output: its rows, or with a sink the rows written (`write_part`) and their count."""
+    return rows if sink is None else write_part(rows, sink)
+
+
+def write_part(rows: Any, sink: dict) -> dict[str, np.ndarray]:
+    """Write one batch of rows (numpy dict or DataFrame) as a Parquet part file of the stage dir, in
+    the run store's row schema (tensor columns as list<int64>), and return {"rows": [count]}.
+
+    The file is named by a hash of the batch's (prompt_id, sample_index) keys and written atomically:
+    a retried task writes the same file again (replacing it), never a second copy."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    from pipelines.schemas import arrow_schema
+    from pipelines.store import atomic_write
+
+    if isinstance(rows, pd.DataFrame):
+        table = pa.Table.from_pandas(rows, preserve_index=False)
+    else:
+        table = pa.table({k: pa.array(list(np.asarray(v, dtype=np.int64))) if np.ndim(v) == 2 else pa.array(v)
+                          for k, v in rows.items()})
+    want = arrow_schema(sink["schema"])
+    table = table.cast(pa.schema([want.field(f.name) if f.name in want.names else f for f in table.schema]))
+    keys = "\n".join(f"{p}\t{i}" for p, i in sorted(zip(table["prompt_id"].to_pylist(),
+                                                          table["sample_index"].to_pylist())))
+    name = f"part-{hashlib.sha1(keys.encode()).hexdigest()[:20]}.parquet"
+    fs = sink["fs"]
+    atomic_write(fs, f"{sink['path']}/{name}", lambda target: pq.write_table(table, target, filesystem=fs))
+    return {"rows": np.array([table.num_rows], dtype=np.int64)}
+
+
+def write_rows(ds, store, round_: int, stage: str, expected: int, schema: str, written: bool = False):
+    """Run `ds` so that its rows land in `<stage>/data/` of the run store from the workers (Parquet
+    part files; the driver never holds the rows): `written=True` when its UDFs write them themselves
+    (a `sink`: no extra tasks or worker processes), else a map task per block writes them. Then check,
+    on the key columns alone, the schema and that each of the `expected` rows is there exactly once: a
+    lost block, or rows written twice under different batchings, fail the stage (nothing is marked
+    done; a rerun starts clean)."""
     from pipelines.results import StageRows
 
-    path = store.path(f"round_{int(round_)}", stage, "data")
-    ds.map_batches(_storable, batch_format="pyarrow").write_parquet(path, filesystem=store.fs)
+    sink = stage_sink(store, round_, stage, schema)
+    path = sink["path"]
+    if not written:
+        ds = ds.map_batches(write_part, fn_kwargs={"sink": sink}, batch_format="pandas")
+    ds.materialize()  # runs the stage; what stays in the object store is one count per batch
     rows = StageRows(int(round_), stage, expected)
     if expected == 0:
         return rows

@@ -141,8 +141,10 @@ def stages_nonunified(rows):
     return nonunified_score(rows).overall.rate
 
 
-def test_a_row_written_twice_fails_the_stage(reference, tmp_path):
-    """write_rows' exactly-once check can fail: the same rows written twice into one stage dir."""
+def test_a_retried_write_replaces_its_part_and_a_row_written_twice_fails_the_stage(reference, tmp_path):
+    """Part files are named by their rows' keys: writing the same batches again (a retried task)
+    replaces them, so each row is there once; the same rows under another batching are a second copy,
+    and write_rows' exactly-once check fails the stage."""
     import ray
 
     cfg, samples, _ = reference
@@ -150,8 +152,11 @@ def test_a_row_written_twice_fails_the_stage(reference, tmp_path):
     store.init(cfg)
     ds = ray.data.from_pandas(samples)
     stages.write_rows(ds, store, 1, "generate", len(samples), "sample")
+    parts = sorted(os.listdir(tmp_path / "d" / "round_1" / "generate" / "data"))
+    stages.write_rows(ds, store, 1, "generate", len(samples), "sample")  # the retry: same parts, once each
+    assert sorted(os.listdir(tmp_path / "d" / "round_1" / "generate" / "data")) == parts
     with pytest.raises(RuntimeError, match=r"exactly once .* \(10 duplicated\)"):
-        stages.write_rows(ds, store, 1, "generate", len(samples), "sample")
+        stages.write_rows(ds.repartition(3), store, 1, "generate", len(samples), "sample")
 
 
 def test_judge_adds_scores(reference):
