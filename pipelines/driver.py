@@ -3,7 +3,7 @@
 Where it fits: `unigap run CONFIG [key=value ...]` (locally, or `ray job submit -- unigap run ...` on a
 cluster). Round 0 evaluates the base model. Each round k then runs the stages of `run_round`:
 
-    generate -> judge -> pool -> train -> evaluate -> audit -> promote
+    [propose ->] generate -> judge -> pool -> train -> evaluate -> audit -> promote
 
 Each stage writes `runs/<run>/round_<k>/<stage>/` and is marked done in the manifest; a rerun of the
 same command skips finished stages (resume after `kill -9`, a lost job, a KubeRay retry). Round k
@@ -22,7 +22,7 @@ import logging
 import os
 import sys
 
-from pipelines import improve, rounds
+from pipelines import improve, propose, rounds
 from pipelines.config import Config, load_config
 from pipelines.results import RoundRecord
 from pipelines.rounds import Ctx
@@ -37,7 +37,10 @@ def run_round(ctx: Ctx, k: int) -> RoundRecord:
     cfg, store = ctx.cfg, ctx.store
     start = improve.start_model(store, cfg)  # the model this round improves (0 = base; audit.continue_from)
     adapter = rounds.adapter_path(store, start)
-    prompts = rounds.round_prompts(ctx, k)  # rotating slice + curriculum replay of discard pools
+    proposed = None
+    if cfg.prompts.proposer != "none":  # the model proposes some of the round's prompts (UniCorn's proposer)
+        proposed = ctx.stage(k, "propose", lambda: propose.propose(ctx, k, adapter))
+    prompts = rounds.round_prompts(ctx, k, propose.admitted(proposed))  # + rotating slice + curriculum replay
     samples = ctx.stage(k, "generate", lambda: rounds.generate(ctx, prompts, k, adapter))  # rows stay in storage
     judged = ctx.stage(k, "judge", lambda: rounds.judge(ctx, samples, k, adapter))
     pooled = ctx.stage(k, "pool", lambda: rounds.pool(ctx, k, judged, prompts))
@@ -46,6 +49,9 @@ def run_round(ctx: Ctx, k: int) -> RoundRecord:
     decision = ctx.stage(k, "audit", lambda: improve.audit(ctx, k, evaluated))
     ctx.stage(k, "promote", lambda: improve.promote(store, k, decision))
     metrics = {**evaluated.metrics, **improve.round_metrics(k, pooled, trained, decision, ctx.timings)}
+    if proposed is not None:
+        info = store.stage_info(k, "propose")
+        metrics.update({f"propose/{x}": info[x] for x in ("drawn", "admitted", "valid_rate", "heldout_candidates")})
     ctx.tracker.log_round(k, metrics)
     ctx.tracker.log_samples(k, evaluated.samples)
     ctx.tracker.log_train_curve(k, improve.train_curve(store, trained.adapter_round))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import pyarrow.fs as pafs
 
@@ -94,9 +94,9 @@ def run_stage(store: RunStore, k: int, name: str, compute) -> Any:
 
 def progress(k: int, stage: str, info: dict, resumed: bool = False) -> str:
     """One console line per stage."""
-    keys = [x for x in ("rows", "prompts", "accepted", "rejected", "uncertain", "nonunified", "replayed",
-                        "admitted", "sft_rows", "steps", "loss", "gen_accuracy", "gain_vs_base", "und_accuracy",
-                        "val_accuracy", "decision", "best", "head") if info.get(x) is not None]
+    keys = [x for x in ("drawn", "valid_rate", "rows", "prompts", "accepted", "rejected", "uncertain", "nonunified",
+                        "replayed", "admitted", "sft_rows", "steps", "loss", "gen_accuracy", "gain_vs_base",
+                        "und_accuracy", "val_accuracy", "decision", "best", "head") if info.get(x) is not None]
     shown = " ".join(f"{x}={info[x]:.3f}" if isinstance(info[x], float) else f"{x}={info[x]}" for x in keys)
     return f"[round {k}] {stage:<9} {'resumed' if resumed else 'done':<7} {info.get('seconds', 0):7.1f}s  {shown}"
 
@@ -165,13 +165,17 @@ def read_prompt_sets(cfg: Config) -> tuple[list[dict], list[dict], dict]:
     return train_rows, heldout, report.as_dict()
 
 
-def round_prompts(ctx: Ctx, k: int) -> list[dict]:
-    """Round k's prompts: a rotating slice of the training prompts, plus (curriculum, Algorithm 2)
-    earlier rounds' discard-pool prompts not admitted since, replayed with the current model."""
+def round_prompts(ctx: Ctx, k: int, proposed: Sequence[dict] = ()) -> list[dict]:
+    """Round k's prompts: the model's own `proposed` prompts (the propose stage), then a rotating slice
+    of the training prompts up to prompts.per_round, plus (curriculum, Algorithm 2) earlier rounds'
+    discard-pool prompts not admitted since, replayed with the current model."""
     cfg, prompts = ctx.cfg, ctx.prompts
     n = cfg.prompts.per_round or len(prompts)
     chosen = (mixed_slice(prompts, cfg.prompts.category_mix, n, k) if cfg.prompts.category_mix
               else rotating_slice(prompts, n, k))
+    if proposed:
+        have = {r["prompt_id"] for r in proposed}
+        chosen = list(proposed) + [r for r in chosen if r["prompt_id"] not in have][: max(0, n - len(proposed))]
     c = cfg.curriculum
     replay = c.enabled and k >= c.start_round
     return curriculum(chosen, open_discards(pool_history(ctx.store, k)) if replay else [], c.max_replay)

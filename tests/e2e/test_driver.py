@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(1200)]  # w
 TINY = ["run.rounds=2", "prompts.limit=6", "prompts.per_round=3", "eval.num_prompts=4", "eval.num_images=2",
         "eval.understanding_pairs=8", "train.num_workers=1", "train.epochs=1", "train.batch_size=4",
         "wandb.mode=offline", "ray.num_cpus=2", "pools.review_sample=4", "eval.validation_prompts=2",
-        "eval.validation_images=2"]
+        "eval.validation_images=2", "prompts.proposer=describe"]
 
 
 def unigap(*args, env=None, **kw):
@@ -69,7 +69,7 @@ def test_two_rounds_end_to_end(finished):
     manifest = json.loads((run_dir / "manifest.json").read_text())
     for k in (1, 2):
         stages = manifest["rounds"][str(k)]["stages"]
-        assert set(stages) == {"generate", "judge", "pool", "train", "evaluate", "audit", "promote"}
+        assert set(stages) == {"propose", "generate", "judge", "pool", "train", "evaluate", "audit", "promote"}
     assert "evaluate" in manifest["rounds"]["0"]["stages"]
     assert manifest["pointers"]["latest"] == 2 and manifest["pointers"]["best"] in (0, 1, 2)
     assert (run_dir / "report.md").is_file()
@@ -100,6 +100,15 @@ def test_two_rounds_end_to_end(finished):
         generated = set(pq.read_table(parts)["prompt_id"].to_pylist())
         assert generated and not generated & val_ids
         assert "png" not in pq.read_schema(run_dir / f"round_{k}" / "pool" / "data.parquet").names
+        # the proposer: one row per unconditional draw (round(0.5 x 3) prompts wanted x 3), each with a
+        # status; what it admitted is generated this round (the tiny random model's captions rarely parse)
+        from pipelines.propose import STATUSES
+
+        proposals = pq.read_table(run_dir / f"round_{k}" / "propose" / "data.parquet").to_pandas()
+        assert len(proposals) == 6 and set(proposals["status"]) <= set(STATUSES)
+        assert set(proposals.loc[proposals["status"] == "admitted", "prompt_id"]) <= generated
+        info = manifest["rounds"][str(k)]["stages"]["propose"]["info"]
+        assert info["drawn"] == 6 and 0 <= info["valid_rate"] <= 1
 
 
 def test_compare_tables_the_finished_run_with_paired_gains(finished, tmp_path):

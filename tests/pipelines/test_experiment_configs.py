@@ -16,6 +16,7 @@ EXPECTED = {
     "judge-random": {"judge.corrupt": "random"},
     "judge-inverted": {"judge.corrupt": "inverted"},
     "judge-oracle": {"judge.corrupt": "oracle"},
+    "proposer": {"prompts.proposer": "describe"},
     "binding": {"prompts.per_round": 125, "pools.sft_select": "best_of_n", "pools.category_cap": 0.4,
                 "prompts.category_mix": {"spatial": 65.0, "two_objects": 45.0, "counting": 12.0, "single": 2.0,
                                          "shape": 1.0},
