@@ -158,6 +158,20 @@ def reject_shares(pooled: pd.DataFrame) -> dict[str, float]:
     return {str(c): float((g["score"] < NONUNIFIED_THRESHOLD).mean()) for c, g in df.groupby("category")}
 
 
+def round_quota(cfg, prompts: list[dict], store, k: int) -> dict[str, int]:
+    """Round k's wanted proposals per category: proposal_share of the round's prompts, split uniformly
+    over the training prompts' categories or (proposal_target=nonunified) by round k-1's reject shares."""
+    p = cfg.prompts
+    n = round(p.proposal_share * (p.per_round or len(prompts)))
+    if cfg.audit.backend != "oracle":
+        return {FREE_CATEGORY: n}
+    weights = None
+    if p.proposal_target == "nonunified" and k > 1 and store.is_done(k - 1, "pool"):
+        weights = reject_shares(store.read_table(k - 1, "pool", "data", columns=["category", "score", "valid"])
+                                .to_pandas())
+    return targets(n, sorted({r["category"] for r in prompts}), weights)
+
+
 # ------------------------------------------------------------------ the model part (a Ray task)
 PLACEHOLDER_PROMPT = "an image"  # the conditional row a cfg-0 draw ignores (the model API needs a prompt)
 
@@ -188,14 +202,9 @@ def propose(ctx, k: int, adapter: Optional[str]) -> tuple[pd.DataFrame, dict]:
     from pipelines.config import derive_seed
 
     cfg, p = ctx.cfg, ctx.cfg.prompts
-    n = round(p.proposal_share * (p.per_round or len(ctx.prompts)))
     grammar = cfg.audit.backend == "oracle"
-    categories = sorted({r["category"] for r in ctx.prompts}) if grammar else [FREE_CATEGORY]
-    weights = None
-    if p.proposal_target == "nonunified" and k > 1 and ctx.store.is_done(k - 1, "pool"):
-        pooled = ctx.store.read_table(k - 1, "pool", "data", columns=["category", "score", "valid"]).to_pandas()
-        weights = reject_shares(pooled)
-    quota = targets(n, categories, weights)
+    quota = round_quota(cfg, ctx.prompts, ctx.store, k)
+    n = sum(quota.values())
     base = derive_seed(cfg.run.seed, k, "propose")
     seeds = [derive_seed(base, 0, "draw", i) for i in range(math.ceil(n * p.proposal_inflation))]
     captions = ray.get(ray.remote(num_cpus=1, num_gpus=cfg.generate.num_gpus_per_actor or None, max_retries=1)(

@@ -112,3 +112,28 @@ def test_the_shapes_model_proposes_valid_prompts():
     rows, info = select(caps, seeds, quota, grammar=True, heldout=[s.text for s in heldout_prompts()])
     assert info["valid_rate"] >= 0.5, (info, caps[:8])
     assert info["admitted"] >= 10, info
+
+
+def test_round_quota_follows_the_last_rounds_nonunified_by_category(tmp_path):
+    import pandas as pd
+
+    from pipelines.config import load_config
+    from pipelines.propose import round_quota
+    from pipelines.store import RunStore
+
+    prompts = [{"prompt_id": f"p{i}", "prompt": "x", "category": c} for i, c in enumerate(["single", "spatial"] * 5)]
+    cfg = load_config(None, ["prompts.proposer=describe", "prompts.per_round=10", "prompts.proposal_share=0.8",
+                             "prompts.proposal_target=nonunified", "audit.backend=oracle"])
+    store = RunStore(str(tmp_path), "q")
+    store.init(cfg)
+    assert round_quota(cfg, prompts, store, 1) == {"single": 4, "spatial": 4}  # no earlier round: uniform
+    pooled = pd.DataFrame({"category": ["single"] * 4 + ["spatial"] * 4, "score": [0.9, 0.9, 0.9, 0.1] + [0.1] * 4,
+                           "valid": [True] * 8})
+    store.write_table(1, "pool", pooled)
+    store.mark_done(1, "pool", {})
+    assert round_quota(cfg, prompts, store, 2) == {"single": 2, "spatial": 6}  # rejects 1/4 vs 4/4
+    uniform = load_config(None, ["prompts.per_round=10", "prompts.proposal_share=0.8", "audit.backend=oracle"])
+    assert round_quota(uniform, prompts, store, 2) == {"single": 4, "spatial": 4}
+    free = load_config(None, ["prompts.per_round=10", "prompts.proposal_share=0.5", "audit.backend=vlm",
+                                "audit.vlm_path=/some/vlm"])
+    assert round_quota(free, prompts, store, 2) == {"proposed": 5}
