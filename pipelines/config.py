@@ -84,16 +84,14 @@ class PromptsSection(Section):
     category_mix: dict[str, Annotated[float, Field(ge=0)]] = _f(
         {}, "Shares of a round's slice per prompt category (normalised; each category rotates through its own "
         "prompts; categories not named get none); {} = one slice of the mixed list.")
-    proposer: Literal["none", "describe"] = _f(
-        "none", "describe: each round the model proposes prompts (a `propose` stage: it draws unconditional images "
-        "and captions them; pipelines/propose.py); none: the prompts come from `source` only.")
+    proposer: Literal["none", "describe"] = _f("none", "describe: the model proposes prompts each round (captions "
+                                               "of its unconditional draws; pipelines/propose.py); none: off.")
     proposal_share: float = _f(0.5, "Share of a round's prompts (per_round) the proposer supplies; the rotating "
                                "slice fills the rest (and any shortfall).", ge=0, le=1)
-    proposal_inflation: float = _f(3.0, "Images the proposer draws per wanted prompt (parse failures, duplicates "
-                                   "and held-out candidates are dropped).", ge=1, le=100)
+    proposal_inflation: float = _f(3.0, "Images drawn per wanted proposal (failures and duplicates are dropped).",
+                                   ge=1, le=100)
     proposal_target: Literal["uniform", "nonunified"] = _f(
-        "uniform", "Proposals per category: uniform, or proportional to the last round's per-category share of "
-        "own samples the judge rejected (Nonunified by category).")
+        "uniform", "Proposals per category: uniform, or by the last round's Nonunified score per category.")
 
 
 class GenerateSection(Section):

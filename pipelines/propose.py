@@ -45,7 +45,6 @@ import pandas as pd
 STATUSES = ("admitted", "unparsed", "empty", "no_prompt", "heldout", "validation", "duplicate", "over_target",
             "too_long")
 FREE_CATEGORY = "proposed"
-NONUNIFIED_THRESHOLD = 0.5  # a sample the judge scored below this was rejected (pools.nonunified_score's)
 
 
 # ------------------------------------------------------------------ pure core
@@ -152,10 +151,11 @@ def _norm(text: str) -> str:
 
 
 def reject_shares(pooled: pd.DataFrame) -> dict[str, float]:
-    """Per category, the share of valid own samples the judge rejected (score < 0.5): the round's
-    Nonunified score by category."""
-    df = pooled[pooled["valid"].astype(bool)]
-    return {str(c): float((g["score"] < NONUNIFIED_THRESHOLD).mean()) for c, g in df.groupby("category")}
+    """Per category, the share of valid own samples the judge rejected: the round's Nonunified score
+    by category (`pools.nonunified_score`)."""
+    from pipelines.pools import nonunified_score
+
+    return {c: r.rate for c, r in nonunified_score(pooled).per_category.items()}
 
 
 def round_quota(cfg, prompts: list[dict], store, k: int) -> dict[str, int]:
@@ -197,9 +197,8 @@ def _draw_task(cfg, adapter: Optional[str], seeds: list[int]) -> list[str]:
 
 def propose(ctx, k: int, adapter: Optional[str]) -> tuple[pd.DataFrame, dict]:
     """The propose stage of round k: draw, describe, validate; (ProposalRows, info)."""
-    import ray
-
     from pipelines.config import derive_seed
+    from pipelines.improve import _ray_task  # one Ray task with the generation actors' resources
 
     cfg, p = ctx.cfg, ctx.cfg.prompts
     grammar = cfg.audit.backend == "oracle"
@@ -207,8 +206,7 @@ def propose(ctx, k: int, adapter: Optional[str]) -> tuple[pd.DataFrame, dict]:
     n = sum(quota.values())
     base = derive_seed(cfg.run.seed, k, "propose")
     seeds = [derive_seed(base, 0, "draw", i) for i in range(math.ceil(n * p.proposal_inflation))]
-    captions = ray.get(ray.remote(num_cpus=1, num_gpus=cfg.generate.num_gpus_per_actor or None, max_retries=1)(
-        _draw_task).remote(cfg, adapter, seeds)) if seeds else []
+    captions = _ray_task(cfg, _draw_task, cfg, adapter, seeds) if seeds else []
     rows, info = select(captions, seeds, quota, grammar, [r["prompt"] for r in ctx.heldout],
                         [r["prompt"] for r in ctx.validation], p.max_prompt_tokens, base)
     known = {_norm(r["prompt"]): r for r in ctx.prompts}
