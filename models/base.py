@@ -38,6 +38,24 @@ JUDGE_QUESTION = (
 )
 # One-forward-pass form of the same question: read P(Yes) vs P(No) at the answer position.
 PROB_QUESTION = "Does this image describe {prompt}? Answer Yes or No."
+# describe_prob: the model describes the image first, then answers (P(Yes) read after the description).
+DESCRIBE_QUESTION = "Does this image describe {prompt}? Describe the image, then answer Yes or No."
+
+
+def judge_row(mode: str, prompt: str, description: str, yes: bool) -> tuple[str, str, str | None]:
+    """(question, target, system) that teaches the judge mode `mode` the verdict `yes` on (image, prompt):
+    the exact text `JanusUnified.judge` asks and reads (pretraining and CPR judgement rows use it).
+
+        >>> judge_row("prob", "a red circle", "", True)
+        ('Does this image describe a red circle? Answer Yes or No.', ' Yes', None)
+    """
+    if mode == "describe_prob":  # the description is part of the target: the model learns to write it
+        return DESCRIBE_QUESTION.format(prompt=prompt), f" {description} . Answer : {'Yes' if yes else 'No'}", None
+    if mode == "prob":
+        return PROB_QUESTION.format(prompt=prompt), " Yes" if yes else " No", None
+    if mode == "binary":
+        return JUDGE_QUESTION.format(prompt=prompt), f" The score is {int(yes)}<|end_of_sentence|>", JUDGE_SYSTEM
+    raise ValueError(f"judge mode must be one of {', '.join(JUDGE_MODES)}; got {mode!r}")
 
 
 @dataclass

@@ -33,10 +33,10 @@ from transformers.generation.utils import GenerationMixin
 
 from models.seeds import stable_bits
 from models import decode
-from models.base import JUDGE_QUESTION, JUDGE_SYSTEM, PROB_QUESTION, GenerationOutput, ImageLogprobs, JudgeResult
+from models.base import (DESCRIBE_QUESTION, JUDGE_QUESTION, JUDGE_SYSTEM, PROB_QUESTION, GenerationOutput,  # noqa: F401
+                         ImageLogprobs, JudgeResult)
 
 DECODE_CHUNK = 8  # images per VQ-decoder call (fixed, see decode_tokens)
-DESCRIBE_QUESTION = "Does this image describe {prompt}? Describe the image, then answer Yes or No."
 _SCORE_RE = re.compile(r"score\s*is\s*:?\s*\{?\s*([01])\s*\}?(?![\d.]*\d)", re.IGNORECASE)
 
 

@@ -34,6 +34,7 @@ import yaml
 from pydantic import BaseModel, Field
 
 from models.seeds import stable_bits
+from pipelines.cpr import CprSection
 from pipelines.typed_config import ConfigError, Section, build, read_yaml, walk
 from pipelines.typed_config import doc_field as _f
 from pipelines.typed_config import section_field as _section
@@ -263,6 +264,7 @@ class Config(Section):
     pools: PoolsSection = _section(PoolsSection, "Accepted / rejected / uncertain pools.")
     pairs: PairsSection = _section(PairsSection, "DPO pair building.")
     train: TrainSection = _section(TrainSection, "LoRA training with Ray Train.")
+    cpr: CprSection = _section(CprSection, "UniCorn's caption / judgement / reflection rows (pipelines/cpr.py).")
     curriculum: CurriculumSection = _section(CurriculumSection, "Discard-pool replay.")
     eval: EvalSection = _section(EvalSection, "Held-out evaluation each round.")
     audit: AuditSection = _section(AuditSection, "External judge; promote or roll back.")
@@ -369,8 +371,7 @@ def _check_combinations(cfg: Config) -> None:
         ("run.name", not re.fullmatch(r"[A-Za-z0-9._-]+", cfg.run.name) or cfg.run.name in (".", ".."),
          f"{cfg.run.name!r} is not a safe directory name (letters, digits, . _ -)"),
     ]
-    checks += [(key, cfg.model.device == "cpu" and wants, "needs a GPU but model.device=cpu")
-               for key, wants in gpu_keys]
+    checks += [(key, cfg.model.device == "cpu" and w, "needs a GPU but model.device=cpu") for key, w in gpu_keys]
     checks += [(key, local_cpus is not None and need > local_cpus,
                 f"needs {need:g} CPUs but the local Ray has ray.num_cpus={local_cpus} (would hang)")
                for key, need in demands]

@@ -41,7 +41,7 @@ def train_args(cfg: Config, k: int, init_adapter: Optional[str], storage_path: s
         weight_decay=t.weight_decay, epochs=t.epochs, **loss_distribution(cfg),
         max_steps=t.steps, batch_size=t.batch_size, grad_accum=t.grad_accum, max_grad_norm=t.max_grad_norm,
         warmup_steps=t.warmup_steps, lr_schedule=t.lr_schedule, beta=t.beta, loss_type=t.loss_type,
-        label_smoothing=t.label_smoothing, precision=t.precision, strategy=t.strategy,
+        label_smoothing=t.label_smoothing, aux_weight=cfg.cpr.weight, precision=t.precision, strategy=t.strategy,
         max_failures=t.max_failures, checkpoint_every=t.checkpoint_every,
         seed=derive_seed(cfg.run.seed, k, "train"), storage_path=storage_path, run_name=f"round_{k}")
 
@@ -93,12 +93,14 @@ def train(ctx: Ctx, k: int, pooled: Pooled, adapter: Optional[str]) -> tuple[Tra
     out_dir = store.adapter_dir(k) if local else tempfile.mkdtemp(prefix="unigap-adapter-")
     if local and os.path.isdir(out_dir):
         shutil.rmtree(out_dir)  # a crashed earlier attempt; the stage was never marked done
-    result = train_adapter(train_args(cfg, k, adapter, storage), rows, out_dir)
+    aux = pooled.cpr.to_dict("records") if pooled.cpr is not None and len(pooled.cpr) else None
+    result = train_adapter(train_args(cfg, k, adapter, storage), rows, out_dir, aux=aux)
     if not local:
         pafs.copy_files(out_dir, store.adapter_dir(k), source_filesystem=pafs.LocalFileSystem(),
                         destination_filesystem=store.fs)
     final = {f"train/{m}": float(v) for m, v in result.metrics.items() if isinstance(v, (int, float))}
-    info = {"rows": len(rows), "steps": len(result.history), "loss": final.get("train/loss", float("nan"))}
+    info = {"rows": len(rows), "cpr_rows": len(aux or ()), "steps": len(result.history),
+            "loss": final.get("train/loss", float("nan"))}
     return Trained(k, final), info
 
 

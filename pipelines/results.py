@@ -85,6 +85,7 @@ class Pooled:
     pairs: pd.DataFrame = table()  # DPO pairs (chosen = accepted, rejected = rejected, same prompt)
     discard: pd.DataFrame = table()  # prompts with no accepted sample (the curriculum replays them)
     accepted_prompt_ids: list[str] = field(default_factory=list)
+    cpr: Optional[pd.DataFrame] = table(optional=True)  # CPR rows (pipelines/cpr.py) when cpr.* asks for any
 
 
 @dataclass

@@ -28,6 +28,7 @@ import pyarrow.fs as pafs
 from pipelines import pools as P
 from pipelines import results, stages
 from pipelines.config import Config, derive_seed
+from pipelines.cpr import cpr_rows
 from pipelines.prompts import load_prompts
 from pipelines.store import RunStore
 
@@ -324,5 +325,10 @@ def pool(ctx: Ctx, k: int, judged: results.StageRows, prompts: list[dict]) -> tu
             "pairs": len(pairs), "replayed": len(replayed), "admitted": len(replayed & set(accepted_ids))}
     sft = P.sft_set(pooled, cfg.pools.sft_select, cfg.pools.best_of_n_keep_above, cfg.pools.category_cap)
     info["sft_rows"] = len(sft)
-    return results.Pooled(pooled, sft, pairs, discard, accepted_ids), info
+    cpr = None
+    if cfg.cpr.enabled():  # UniCorn's caption / judgement / reflection rows, sized by the image rows
+        cpr = cpr_rows(pooled, len(sft) if cfg.train.objective == "sft" else len(pairs), cfg.cpr,
+                       derive_seed(cfg.run.seed, k, "cpr"))
+        info.update({f"cpr_{kind}": int(n) for kind, n in cpr["kind"].value_counts().items()})
+    return results.Pooled(pooled, sft, pairs, discard, accepted_ids, cpr), info
 

@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from models.base import JUDGE_QUESTION, JUDGE_SYSTEM, PROB_QUESTION
-from models.janus import DESCRIBE_QUESTION, JanusUnified
+from models.base import judge_row
+from models.janus import JanusUnified
 from models.tiny import TinySpec, build_tiny_parts
 from shapes.pretrain_vq import reconstruct, tokens
 from shapes.world import VOCABULARY, caption, hard_negative, render, sample_scene, satisfies, train_prompts
@@ -106,15 +106,6 @@ def trainable_parameters(m: JanusUnified) -> list[torch.nn.Parameter]:
 
 
 # ----------------------------------------------------------------------------- data
-
-
-def judge_row(mode: str, prompt: str, cap: str, yes: bool) -> tuple[str, str, str | None]:
-    """(question, target, system) for one judge row; the exact text `JanusUnified.judge` builds."""
-    if mode == "describe_prob":  # the description is part of the target: the model learns to write it
-        return DESCRIBE_QUESTION.format(prompt=prompt), f" {cap} . Answer : {'Yes' if yes else 'No'}", None
-    if mode == "prob":
-        return PROB_QUESTION.format(prompt=prompt), " Yes" if yes else " No", None
-    return JUDGE_QUESTION.format(prompt=prompt), f" The score is {int(yes)}<|end_of_sentence|>", JUDGE_SYSTEM
 
 
 @functools.lru_cache(maxsize=1)

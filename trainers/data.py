@@ -65,6 +65,7 @@ class PackedRows:
     prompts: list[str]  # N prompt strings
     tokens: dict[str, np.ndarray]  # column -> (N, T) int64 codebook ids
     ref_logp: dict[str, np.ndarray]  # ref column -> (N,) float64 (DPO only; empty for SFT)
+    aux: Any = None  # trainers.cpr.PackedAux: CPR rows trained beside these, or None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -194,6 +195,7 @@ def check_args(a) -> None:
     need(math.isfinite(a.cfg_weight) and a.cfg_weight >= 1, f"cfg_weight must be >= 1, got {a.cfg_weight}")
     need(math.isfinite(a.temperature) and a.temperature > 0, f"temperature must be > 0, got {a.temperature}")
     need(math.isfinite(a.max_grad_norm) and a.max_grad_norm >= 0, "max_grad_norm must be >= 0")
+    need(math.isfinite(a.aux_weight) and a.aux_weight > 0, f"aux_weight must be > 0, got {a.aux_weight}")
     need(a.cpus_per_worker > 0 and (not a.use_gpu or a.gpus_per_worker > 0), "resources per worker must be > 0")
     need(a.beta > 0, f"beta must be > 0, got {a.beta}")
     need(0 <= a.label_smoothing < 0.5, f"label_smoothing must lie in [0, 0.5), got {a.label_smoothing}")

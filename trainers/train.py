@@ -50,6 +50,7 @@ from torch import nn
 
 from models.lora import (ADAPTER_FILES, CHECKSUM_FILE, LoraSpec, attach_lora, check_lora_spec, load_adapter,
                          save_adapter, verify_adapter)
+from trainers import cpr as C
 from trainers import data as D
 from trainers.data import TrainDataError, lr_factor
 from trainers.faults import maybe_fail, planned_failure
@@ -108,6 +109,8 @@ class TrainArgs:
     """DPO loss: "sigmoid" (summed log-probs) or "ipo" (token-averaged log-probs)."""
     label_smoothing: float = 0.0
     """cDPO label smoothing in [0, 0.5), sigmoid only."""
+    aux_weight: float = 1.0
+    """Weight of the CPR rows' loss (trainers/cpr.py) beside the generation loss, when there are any."""
     precision: str = "fp32"
     """"fp32", or "bf16" autocast -- GPU only: on CPU it is refused (validate), never silently dropped."""
     strategy: str = "ddp"
@@ -131,12 +134,12 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)  # one dict per optimizer step
 
 
-def validate(args: TrainArgs, rows: Any) -> None:
+def validate(args: TrainArgs, rows: Any, aux: Any = None) -> None:
     """Reject bad arguments and bad rows before any compute or Ray call (TrainDataError / ValueError)."""
-    _prepare(args, rows)
+    _prepare(args, rows, aux)
 
 
-def _prepare(args: TrainArgs, rows: Any) -> D.PackedRows:
+def _prepare(args: TrainArgs, rows: Any, aux: Any = None) -> D.PackedRows:
     D.check_args(args)
     planned_failure(args.storage_path, args.run_name)  # a malformed fault-drill file fails here
     rows = D.load_rows(rows)
@@ -148,7 +151,12 @@ def _prepare(args: TrainArgs, rows: Any) -> D.PackedRows:
         verify_adapter(args.init_adapter)
     else:
         check_lora_spec(args.lora, names)
-    return D.pack_rows(rows, args.objective)
+    packed = D.pack_rows(rows, args.objective)
+    aux = D.load_rows(aux) if aux is not None else []
+    if len(aux):  # CPR rows: checked and packed here too, before any Ray call
+        C.check_aux_rows(aux, num_image_tokens, codebook)
+        packed.aux = C.pack_aux(aux, num_image_tokens)
+    return packed
 
 
 # ---------------------------------------------------------------------------------------- reference
@@ -174,13 +182,14 @@ def precompute_ref_logprobs(model_path: str, init_adapter: Optional[str], pairs:
 
 
 # ---------------------------------------------------------------------------------------- driver
-def train_adapter(args: TrainArgs, rows: Any, out_dir: str) -> TrainResult:
-    """Validate, run one TorchTrainer.fit(), copy the final adapter to out_dir (verified) + metrics."""
+def train_adapter(args: TrainArgs, rows: Any, out_dir: str, aux: Any = None) -> TrainResult:
+    """Validate, run one TorchTrainer.fit(), copy the final adapter to out_dir (verified) + metrics.
+    `aux`: CPR rows (trainers/cpr.py) trained beside `rows` in every micro-batch, or None."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    packed = _prepare(args, rows)  # raises before any Ray call
+    packed = _prepare(args, rows, aux)  # raises before any Ray call
     resources = {"CPU": args.cpus_per_worker, **({"GPU": args.gpus_per_worker} if args.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop, train_loop_config={"args": args, "data": ray.put(packed)},
@@ -215,8 +224,9 @@ class PolicyLogprobs(nn.Module):
         self.unified = unified  # a plain object: nn.Module keeps it as an attribute
         self.cfg_weight, self.temperature = cfg_weight, temperature
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        return self.unified.token_logprobs(ids, mask, tokens, self.cfg_weight, self.temperature)  # (B, T)
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor, tokens: torch.Tensor, aux=None):
+        per_token = self.unified.token_logprobs(ids, mask, tokens, self.cfg_weight, self.temperature)  # (B, T)
+        return per_token if aux is None else (per_token, C.aux_loss(self.unified, *aux))  # CPR rows: same pass
 
 
 def _build_policy(args: TrainArgs, state: Optional[dict], device: str):
@@ -236,28 +246,31 @@ def _build_policy(args: TrainArgs, state: Optional[dict], device: str):
     return unified
 
 
-def _micro_loss(model, unified, data: D.PackedRows, idx, args: TrainArgs):
-    """Loss and metrics of one micro-batch of row indices `idx`."""
+def _micro_loss(model, unified, data: D.PackedRows, idx, args: TrainArgs, aux_idx=None, images=None):
+    """Loss and metrics of one micro-batch of row indices `idx` (+ CPR rows `aux_idx`, weighted)."""
     ids, mask = unified.encode_generation_prompts([data.prompts[i] for i in idx])  # (b, L)
     dev = ids.device
+    aux = None if aux_idx is None else (data.aux, aux_idx, images)
     if args.objective == "sft":
         tokens = torch.from_numpy(data.tokens["image_tokens"][idx]).to(dev)  # (b, T)
-        per_token = model(ids, mask, tokens)  # (b, T)
-        return sft_loss(per_token), {"token_logp": per_token.mean().item()}, tokens.numel()
+        per_token, aux_out = C.split(model(ids, mask, tokens, aux))  # (b, T)
+        return (*C.with_aux(sft_loss(per_token), {"token_logp": per_token.mean().item()}, aux_out, args.aux_weight),
+                tokens.numel())
     b = len(idx)  # tokens: b chosen rows, then b rejected
     tokens = torch.cat([torch.from_numpy(data.tokens[c][idx]) for c in D.TOKEN_COLUMNS["dpo"]]).to(dev)  # (2b, T)
-    per_token = model(ids.repeat(2, 1), mask.repeat(2, 1), tokens)  # (2b, T)
+    per_token, aux_out = C.split(model(ids.repeat(2, 1), mask.repeat(2, 1), tokens, aux))  # (2b, T)
     norm = tokens.shape[1] if args.loss_type == "ipo" else 1  # ipo: token-averaged log-probs
     logp = per_token.sum(-1) / norm  # (2b,)
     ref = [torch.from_numpy(data.ref_logp[c][idx]).to(dev, torch.float32) / norm for c in D.REF_COLUMNS]  # 2 x (b,)
     out = dpo_loss(logp[:b], logp[b:], ref[0], ref[1], args.beta, args.loss_type, args.label_smoothing)
     stats = {"reward_accuracy": out.reward_accuracy.item(), "reward_margin": out.reward_margin.item(),
              "chosen_logp": logp[:b].mean().item(), "rejected_logp": logp[b:].mean().item()}
-    return out.loss, stats, tokens.numel()
+    return (*C.with_aux(out.loss, stats, aux_out, args.aux_weight), tokens.numel())
 
 
-def train_step(model, unified, optimizer, scheduler, data, micro_batches, args: TrainArgs) -> dict:
-    """One optimizer step over this rank's micro-batches; metrics averaged over ranks."""
+def train_step(model, unified, optimizer, scheduler, data, micro_batches, args: TrainArgs, aux_batches=None,
+               images=None) -> dict:
+    """One optimizer step over this rank's micro-batches (+ their CPR rows); metrics averaged over ranks."""
     t0 = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     sums, num_tokens = {}, 0
@@ -265,7 +278,7 @@ def train_step(model, unified, optimizer, scheduler, data, micro_batches, args: 
     for j, idx in enumerate(micro_batches):
         last = j == len(micro_batches) - 1
         with (nullcontext() if last else getattr(model, "no_sync", nullcontext)()), autocast:
-            loss, stats, n = _micro_loss(model, unified, data, idx, args)
+            loss, stats, n = _micro_loss(model, unified, data, idx, args, aux_batches and aux_batches[j], images)
             (loss / len(micro_batches)).backward()  # DDP all-reduces gradients on the last one
         for k, v in {"loss": loss.item(), **stats}.items():
             sums[k] = sums.get(k, 0.0) + v / len(micro_batches)
@@ -275,7 +288,7 @@ def train_step(model, unified, optimizer, scheduler, data, micro_batches, args: 
     lr = optimizer.param_groups[0]["lr"]
     optimizer.step()
     scheduler.step()
-    metrics = _mean_over_ranks({**sums, "grad_norm": float(grad_norm)})
+    metrics = C.finish_metrics(_mean_over_ranks({**sums, "grad_norm": float(grad_norm)}))
     return {**metrics, "lr": lr, "tokens_per_s": num_tokens / (time.perf_counter() - t0)}  # per worker
 
 
@@ -363,14 +376,15 @@ def train_loop(config: dict) -> None:
             optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, history, attempt = state["step"], state["history"], state["attempt"] + 1
-    resumed_from = step
+    resumed_from, images = step, {}  # images: CPR rows' decoded images, by row
     fail_at = planned_failure(args.storage_path, args.run_name)  # a fault drill (trainers/faults.py), if any
     while step < total:
         epoch, i = divmod(step, spe)
-        micro_batches = D.step_plan(len(data), world, rank, args.batch_size, args.grad_accum, args.seed, epoch)[i]
+        plan = D.step_plan(len(data), world, rank, args.batch_size, args.grad_accum, args.seed, epoch)
+        micro_batches, aux_batches = plan[i], C.step_aux(data.aux, plan, i, world, rank, args.seed, epoch)
         torch.manual_seed(args.seed * 1_000_003 + rank * 10_007 + step)  # dropout: resumable, rank-distinct
         maybe_fail(args.storage_path, args.run_name, fail_at, step, rank, world)
-        metrics = train_step(model, unified, optimizer, scheduler, data, micro_batches, args)
+        metrics = train_step(model, unified, optimizer, scheduler, data, micro_batches, args, aux_batches, images)
         step += 1
         history.append({"step": step, "epoch": epoch, "attempt": attempt, **metrics})
         if args.checkpoint_every and step % args.checkpoint_every == 0 and step < total:
