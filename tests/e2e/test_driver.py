@@ -20,7 +20,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(1200)]  # w
 TINY = ["run.rounds=2", "prompts.limit=6", "prompts.per_round=3", "eval.num_prompts=4", "eval.num_images=2",
         "eval.understanding_pairs=8", "train.num_workers=1", "train.epochs=1", "train.batch_size=4",
         "wandb.mode=offline", "ray.num_cpus=2", "pools.review_sample=4", "eval.validation_prompts=2",
-        "eval.validation_images=2", "prompts.proposer=describe"]
+        "eval.validation_images=2", "prompts.proposer=describe", "cpr.caption=1.0", "cpr.judgement=1.0",
+        "cpr.reflection=1.0", "cpr.reflection_best=0.0", "cpr.reflection_gap=0.0"]
 
 
 def unigap(*args, env=None, **kw):
@@ -109,6 +110,19 @@ def test_two_rounds_end_to_end(finished):
         assert set(proposals.loc[proposals["status"] == "admitted", "prompt_id"]) <= generated
         info = manifest["rounds"][str(k)]["stages"]["propose"]["info"]
         assert info["drawn"] == 6 and 0 <= info["valid_rate"] <= 1
+        # CPR rows: stored with their kind by the pool stage, all of them trained beside the image rows
+        cpr = pq.read_table(run_dir / f"round_{k}" / "pool" / "cpr.parquet").to_pandas()
+        pooled = pq.read_table(run_dir / f"round_{k}" / "pool" / "data.parquet").to_pandas()
+        pool_of = dict(zip(zip(pooled["prompt_id"], pooled["sample_index"]), pooled["pool"]))
+        assert len(cpr) and set(cpr["kind"]) <= {"caption", "judgement", "reflection"}
+        for kind, allowed in (("caption", {"accepted"}), ("judgement", {"accepted", "rejected"})):
+            rows = cpr[cpr["kind"] == kind]
+            assert {pool_of[key] for key in zip(rows["prompt_id"], rows["sample_index"])} <= allowed
+        train = manifest["rounds"][str(k)]["stages"]["train"]["info"]
+        if k in trained:
+            assert train["cpr_rows"] == len(cpr)
+            history = json.loads((run_dir / "adapters" / f"round_{k}" / "train_metrics.json").read_text())["history"]
+            assert all("und_rows" in h and "reflection_rows" in h for h in history)
 
 
 def test_compare_tables_the_finished_run_with_paired_gains(finished, tmp_path):
