@@ -8,13 +8,16 @@ Where it fits: the pool stage calls `cpr_rows` when a `cpr.*` share is > 0 and s
 for reflection rows).
 
 Kinds (UniCorn's mix: 5k text-to-image : 5k caption : 3k judgement : 1k reflection):
-- caption: an accepted own image -> its prompt, asked CAPTION_QUESTION. Not "Describe the image.":
-  in the shapes world that question has a fixed cell-by-cell answer, which the describe_prob judge and
-  UniCycle parse, and a prompt is not in that form.
+- caption: an accepted own image (scoring >= min_score) -> its prompt, asked CAPTION_QUESTION. Not
+  "Describe the image.": in the shapes world that question has a fixed cell-by-cell answer, which the
+  describe_prob judge and UniCycle parse, and a prompt is not in that form.
 - judgement: an accepted or rejected own image + the judge question of the mode it was judged in ->
   the pool's verdict (accepted: yes, rejected: no), in the exact text the judge reads
   (`models.base.judge_row`; describe_prob rows keep the judge's own description). Drawn balanced
-  between yes and no where both exist. Uncertain samples give none.
+  between yes and no where both exist. Uncertain samples give none; yes rows, like captions, only
+  come from accepted samples scoring >= min_score. Why: on the shapes model with the prob judge only
+  about half the accepted samples (score >= 0.6) are right by the oracle, against ~94 % of those
+  scoring >= 0.99 and ~99 % of the rejected ones being wrong (README, Experiment 6).
 - reflection: per prompt, its lowest-scored image -> its highest-scored one, kept where
   best >= reflection_best and best - worst >= reflection_gap (UniCorn: best >= 9, gap >= 3 of 10).
 Counts: each kind's share x the round's generation rows (SFT rows or DPO pairs), drawn without
@@ -57,6 +60,8 @@ class CprSection(Section):
     reflection_best: float = _f(0.9, "A reflection pair needs best score >= this.", ge=0, le=1)
     reflection_gap: float = _f(0.3, "... and best - worst score >= this.", ge=0, le=1)
     weight: float = _f(1.0, "Weight of the CPR rows' loss beside the image loss.", gt=0)
+    min_score: float = _f(0.0, "Caption and yes-judgement rows only from accepted samples scoring >= this (0: "
+                          "every accepted sample).", ge=0, le=1)
 
     def enabled(self) -> bool:
         return self.caption > 0 or self.judgement > 0 or self.reflection > 0
@@ -68,17 +73,22 @@ def _draw(rows: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
     return rows.iloc[np.sort(np.random.default_rng(seed).choice(len(rows), n, replace=False))]
 
 
-def _caption(pooled: pd.DataFrame, n: int, seed: int) -> list[dict]:
-    acc = _draw(pooled[pooled["pool"] == "accepted"], n, seed)
+def _confident(pooled: pd.DataFrame, min_score: float) -> pd.DataFrame:
+    """Accepted samples scoring >= min_score: the ones caption and yes-judgement rows come from."""
+    return pooled[(pooled["pool"] == "accepted") & (pooled["score"].astype(float) >= min_score)]
+
+
+def _caption(pooled: pd.DataFrame, n: int, seed: int, min_score: float) -> list[dict]:
+    acc = _draw(_confident(pooled, min_score), n, seed)
     return [dict(kind="caption", prompt_id=r.prompt_id, prompt=r.prompt, sample_index=int(r.sample_index),
                  question=CAPTION_QUESTION, target=f" {r.prompt}<|end_of_sentence|>", system="",
                  image_tokens=list(r.image_tokens), source_tokens=[]) for r in acc.itertuples()]
 
 
-def _judgement(pooled: pd.DataFrame, n: int, seed: int) -> list[dict]:
+def _judgement(pooled: pd.DataFrame, n: int, seed: int, min_score: float) -> list[dict]:
     from models.base import judge_row  # torch: not at config-import time
 
-    yes, no = (pooled[pooled["pool"] == p] for p in ("accepted", "rejected"))
+    yes, no = _confident(pooled, min_score), pooled[pooled["pool"] == "rejected"]
     n_yes = min(len(yes), max(n // 2, n - len(no)))
     picked = pd.concat([_draw(yes, n_yes, seed), _draw(no, n - n_yes, seed + 1)])
     out = []
@@ -116,8 +126,8 @@ def _reflection(pooled: pd.DataFrame, n: int, seed: int, best_at_least: float, g
 def cpr_rows(pooled: pd.DataFrame, num_generation_rows: int, cpr: CprSection, seed: int) -> pd.DataFrame:
     """The round's CPR rows (COLUMNS), kind by kind, in (prompt_id, sample_index) order within a kind."""
     want = {k: int(round(getattr(cpr, k) * num_generation_rows)) for k in ("caption", "judgement", "reflection")}
-    rows = (_caption(pooled, want["caption"], seed) if want["caption"] else [])
-    rows += _judgement(pooled, want["judgement"], seed + 10) if want["judgement"] else []
+    rows = (_caption(pooled, want["caption"], seed, cpr.min_score) if want["caption"] else [])
+    rows += _judgement(pooled, want["judgement"], seed + 10, cpr.min_score) if want["judgement"] else []
     rows += (_reflection(pooled, want["reflection"], seed + 20, cpr.reflection_best, cpr.reflection_gap)
              if want["reflection"] else [])
     out = pd.DataFrame(rows, columns=COLUMNS)

@@ -53,6 +53,7 @@ _FAMILY_SUFFIX = re.compile(r"[-_.](seed|rep|r|s)?\d+$")
 TABLE_COLUMNS = ["round", "kind", "prompt_id", "prompt", "category", "sample_index", "image",
                  "own_score", "external_verdict", "pool"]
 CURVE_COLUMNS = ("round", "step", "loss", "grad_norm", "lr", "tokens_per_s")
+CPR_CURVE_COLUMNS = ("gen_loss", "und_loss", "reflection_loss")  # when the round trained CPR rows
 
 
 def resolve_mode(cfg: Config) -> str:
@@ -140,15 +141,16 @@ class Tracker:
         self.run.log({key: table}, step=int(round_))
 
     def log_train_curve(self, round_: int, history: list[dict]) -> None:
-        """The round's per-step training curve (loss, grad-norm, lr, tokens/s per worker) as a table
-        `train/steps` and a line chart `train/loss_curve`, at step = round (the run's step axis)."""
+        """The round's per-step training curve (loss, grad-norm, lr, tokens/s per worker; with CPR rows
+        also the image, understanding and reflection losses) as a table `train/steps` and a line chart
+        `train/loss_curve`, at step = round (the run's step axis)."""
         if not self.enabled or not history:
             return
         import wandb
 
-        table = wandb.Table(columns=list(CURVE_COLUMNS),
-                            data=[[round_] + [float(h.get(c, float("nan"))) for c in CURVE_COLUMNS[1:]]
-                                  for h in history])
+        columns = CURVE_COLUMNS + tuple(c for c in CPR_CURVE_COLUMNS if c in history[0])
+        table = wandb.Table(columns=list(columns),
+                            data=[[round_] + [float(h.get(c, float("nan"))) for c in columns[1:]] for h in history])
         chart = wandb.plot.line(table, "step", "loss", title=f"round {round_}: training loss per step")
         self.run.log({"train/steps": table, "train/loss_curve": chart}, step=int(round_))
 

@@ -123,6 +123,8 @@ def test_two_rounds_end_to_end(finished):
             assert train["cpr_rows"] == len(cpr)
             history = json.loads((run_dir / "adapters" / f"round_{k}" / "train_metrics.json").read_text())["history"]
             assert all("und_rows" in h and "reflection_rows" in h for h in history)
+            tables = (run_dir / "wandb").glob(f"**/files/media/table/train/steps_{k}_*.table.json")
+            assert json.loads(next(tables).read_text())["columns"][-3:] == ["gen_loss", "und_loss", "reflection_loss"]
 
 
 def test_compare_tables_the_finished_run_with_paired_gains(finished, tmp_path):

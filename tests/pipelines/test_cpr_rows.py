@@ -74,6 +74,16 @@ def test_reflection_pairs_need_a_high_best_and_a_wide_gap():
     assert list(out.iloc[0]["source_tokens"]) == list(df.iloc[3]["image_tokens"])  # the worst is the input
 
 
+def test_min_score_keeps_only_confident_positives():
+    df = pooled()
+    out = cpr_rows(df, 20, CprSection(caption=1.0, judgement=1.0, min_score=0.9), seed=0)
+    merged = out.merge(df, on=["prompt_id", "sample_index"])
+    judged = merged[merged["kind"] == "judgement"]
+    captions, yes = merged[merged["kind"] == "caption"], judged[judged["pool"] == "accepted"]
+    assert set(captions["score"]) == {0.95, 0.9} and set(yes["score"]) == {0.95, 0.9}  # p0#0 and p2#0 only
+    assert (judged["pool"] == "rejected").sum() == 6  # no rows are not filtered
+
+
 def test_counts_follow_the_shares_and_the_draw_is_seeded():
     cfg = CprSection(caption=0.3, judgement=0.5, reflection=0.2)
     out = cpr_rows(pooled(), 10, cfg, seed=1)
