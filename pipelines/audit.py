@@ -27,6 +27,10 @@ compared with the best promoted round so far (round 0, the base model, is the in
   prompts and seeds, bootstrap 95% CI over prompts) lies entirely below 0: a slow drift that stays
   inside the tolerance of each comparison is caught once it is significant (the inverted-judge arm:
   round 2 instead of round 4).
+  With `audit.max_und_drop`, a round is also degraded when its understanding accuracy
+  (`eval/und_accuracy`, the own judge on held-out (image, prompt) pairs) is more than that below the
+  base model's: a round must not buy generation with understanding (CPR caption rows did, README
+  Experiment 6).
 `val_accuracy` audits on the validation slice (`eval.validation_prompts`: training-distribution
 prompts never trained on), so which round is promoted is never chosen on the held-out prompts.
 Comparisons use a 1e-9 slack so float noise (0.50 - 0.52 = -0.02000000000000002) does not flip a
@@ -299,14 +303,16 @@ def audit(history: list[dict], candidate: dict, audit_cfg) -> AuditDecision:
     if not past:
         return audit_vs_best(None, None, round_, cand, audit_cfg)
     best_round, _, best_rec = _best(past, audit_cfg.metric)
-    return audit_vs_best(best_round, best_rec, round_, cand, audit_cfg)
+    base = next((r for r in past if int(r.get("round", 0)) == 0), None)
+    return audit_vs_best(best_round, best_rec, round_, cand, audit_cfg, base)
 
 
 def audit_vs_best(best_round: Optional[int], best_metrics: Optional[dict], round_: int, metrics: dict,
-                  audit_cfg) -> AuditDecision:
+                  audit_cfg, base_metrics: Optional[dict] = None) -> AuditDecision:
     """The same rule when the caller already knows the best round (e.g. the store's `best` pointer).
 
-    best_round None: `round_` is the base model, the initial best. Metrics are flat `eval/...` dicts.
+    best_round None: `round_` is the base model, the initial best. Metrics are flat `eval/...` dicts;
+    base_metrics: round 0's, for `audit.max_und_drop` (None: not checked).
     """
     metric, tol = audit_cfg.metric, float(audit_cfg.tolerance)
     cand = {**flat_record(metrics), "round": round_}
@@ -329,9 +335,12 @@ def audit_vs_best(best_round: Optional[int], best_metrics: Optional[dict], round
     paired_hi = cand.get(f"{paired}/ci_high") if paired else None
     below_base = (bool(getattr(audit_cfg, "paired_rollback", False)) and paired_hi is not None
                   and not math.isnan(paired_hi) and paired_hi < 0)
-    promote = not degraded and not below_base and delta >= -EPS
+    und_drop = _und_drop(cand, base_metrics, getattr(audit_cfg, "max_und_drop", None))
+    promote = not degraded and not below_base and und_drop is None and delta >= -EPS
     co = (degraded or below_base) and _nonunified_shrank(cand, best_rec)
     verdict = ("DEGRADED: drop beyond tolerance" if degraded else
+               f"DEGRADED: understanding accuracy {und_drop * 100:.1f} points below the base model "
+               f"(audit.max_und_drop={audit_cfg.max_und_drop:g})" if und_drop is not None and not below_base else
                f"DEGRADED: significantly below the base model (paired gain "
                f"{cand.get(paired, math.nan) * 100:+.1f} points, "
                f"95% CI high {paired_hi * 100:+.1f})" if below_base else
@@ -343,8 +352,18 @@ def audit_vs_best(best_round: Optional[int], best_metrics: Optional[dict], round
               f"{_paired_text(cand, metric)}")
     if co:
         reason += "; CO-DEGRADATION: Nonunified improved while the external metric fell"
-    return AuditDecision(promote, degraded or below_base, reason, best_round, best_value=best_value, delta=delta,
-                         co_degraded=co, **common)
+    return AuditDecision(promote, degraded or below_base or und_drop is not None, reason, best_round,
+                         best_value=best_value, delta=delta, co_degraded=co, **common)
+
+
+def _und_drop(cand: dict, base: Optional[dict], limit: Optional[float]) -> Optional[float]:
+    """How far the candidate's understanding accuracy lies below the base's, when beyond `limit`."""
+    if limit is None or not base:
+        return None
+    a, b = cand.get("eval/und_accuracy"), flat_record(base).get("eval/und_accuracy")
+    if a is None or b is None or math.isnan(a) or math.isnan(b):
+        return None
+    return b - a if b - a > limit + EPS else None
 
 
 def _nonunified_shrank(cand: dict, best: dict) -> bool:

@@ -218,6 +218,8 @@ class AuditSection(Section):
     paired_rollback: bool = _f(True, "Also count a round as degraded when its paired gain over the base model (same "
                                "prompts and seeds) has a 95% CI entirely below 0, even within tolerance "
                                "(gen_accuracy: on the held-out prompts; val_accuracy: on the validation slice).")
+    max_und_drop: Optional[float] = _f(0.05, "A round whose understanding accuracy falls more than this below the "
+                                       "base model's also counts as degraded (None = not checked).", ge=0, le=1)
     on_degradation: Literal["stop", "continue_from_best"] = _f("continue_from_best", "stop the run, or roll back "
                                                                "to the best adapter and go on.")
 
@@ -375,17 +377,14 @@ def _check_combinations(cfg: Config) -> None:
     checks += [(key, local_cpus is not None and need > local_cpus,
                 f"needs {need:g} CPUs but the local Ray has ray.num_cpus={local_cpus} (would hang)")
                for key, need in demands]
-    checks += [(key, not _is_prompt_source(src), f"{src!r} is not 'shapes' or a .jsonl/.csv/.parquet")
+    checks += [(key, src != "shapes" and not src.lower().endswith((".jsonl", ".csv", ".parquet")),
+                f"{src!r} is not 'shapes' or a .jsonl/.csv/.parquet")
                for key, src in [("prompts.source", cfg.prompts.source)]
                + [(f"prompts.extra_sources[{i}]", s) for i, s in enumerate(cfg.prompts.extra_sources)]]
     for key, bad, message in checks:
         if bad:
             raise ConfigError(key, message)
     _check_target_modules(cfg.model.lora.target_modules)
-
-
-def _is_prompt_source(src: str) -> bool:
-    return src == "shapes" or src.lower().endswith((".jsonl", ".csv", ".parquet"))
 
 
 def _check_target_modules(target: str | list[str]) -> None:

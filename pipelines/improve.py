@@ -244,7 +244,8 @@ def audit(ctx: Ctx, k: int, evaluated: Evaluated) -> tuple[AuditDecision, dict]:
         decision = AuditDecision(False, False, "no new adapter (training skipped)", best, ctx.cfg.audit.metric,
                                  round=evaluated.model_round or 0)
     else:
-        decision = decide(best, best_metrics, k, evaluated.metrics, ctx.cfg.audit)
+        base_metrics = store.stage_info(0, "evaluate")["result"]["metrics"]
+        decision = decide(best, best_metrics, k, evaluated.metrics, ctx.cfg.audit, base_metrics)
     info = {"decision": "promote" if decision.promote else ("degraded" if decision.degraded else "keep")}
     return decision, info
 

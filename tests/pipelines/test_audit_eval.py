@@ -67,6 +67,19 @@ def test_a_round_significantly_below_the_base_is_degraded_even_within_tolerance(
     assert audit(history, _rec(2, 0.152, **better), _cfg(tolerance=0.02)).promote
 
 
+def test_a_round_that_loses_understanding_is_degraded_even_when_generation_improves():
+    history = [_rec(0, 0.132, True, **{"eval/und_accuracy": 0.910}), _rec(1, 0.140, True, **{"eval/und_accuracy": 0.9})]
+    cpr_like = _rec(2, 0.150, **{"eval/und_accuracy": 0.775})  # better generation, understanding lost
+    d = audit(history, cpr_like, _cfg())
+    assert d.degraded and not d.promote and "understanding accuracy 13.5 points below the base" in d.reason
+    assert audit(history, cpr_like, _cfg(max_und_drop="null")).promote  # the check switched off
+    assert audit(history, _rec(2, 0.150, **{"eval/und_accuracy": 0.86}), _cfg()).promote  # 5 points: allowed
+    assert audit(history, _rec(2, 0.150, **{"eval/und_accuracy": 0.859}), _cfg()).degraded
+    best = {"round": 1, "eval/gen_accuracy": 0.140}
+    assert audit_vs_best(1, best, 2, cpr_like, _cfg()).promote  # no base metrics given: not checked
+    assert audit_vs_best(1, best, 2, cpr_like, _cfg(), base_metrics=history[0]).degraded
+
+
 def test_the_audit_can_select_on_the_validation_slice_and_leave_held_out_alone():
     cfg = load_config(None, ["audit.metric=val_accuracy", "eval.validation_prompts=100"]).audit
     held_out_worse = {"eval/gen_accuracy": 0.10, "eval/gen_gain_vs_base": -0.03, "eval/gen_gain_vs_base/ci_high": -0.01}
