@@ -30,13 +30,13 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainers.data import TrainDataError
+from trainers.data import TrainDataError, token_row
 
 KINDS = ("caption", "judgement", "reflection")
 AUX_COLUMNS = ("kind", "prompt_id", "prompt", "image_tokens")
@@ -59,16 +59,6 @@ class PackedAux:
         return len(self.kinds)
 
 
-def _tokens(value: Any, i: int, column: str, num_image_tokens: int, codebook_size: int) -> np.ndarray:
-    arr = np.asarray(value if value is not None else [])
-    if arr.ndim != 1 or arr.shape[0] != num_image_tokens or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
-        raise TrainDataError(f"CPR row {i}: {column} must be {num_image_tokens} ints, got shape {arr.shape} "
-                             f"of dtype {arr.dtype}")
-    if ((arr < 0) | (arr >= codebook_size)).any():
-        raise TrainDataError(f"CPR row {i}: {column} has ids outside the codebook [0, {codebook_size})")
-    return arr.astype(np.int64)
-
-
 def check_aux_rows(rows: Sequence[dict], num_image_tokens: int, codebook_size: int) -> None:
     """Fail loudly on an unknown kind, missing columns, blank texts and bad token lists (row named)."""
     for i, row in enumerate(rows):
@@ -77,9 +67,9 @@ def check_aux_rows(rows: Sequence[dict], num_image_tokens: int, codebook_size: i
             raise TrainDataError(f"CPR row {i} is missing column(s) {', '.join(missing)}")
         if row["kind"] not in KINDS:
             raise TrainDataError(f"CPR row {i}: kind {row['kind']!r} is not one of {', '.join(KINDS)}")
-        _tokens(row["image_tokens"], i, "image_tokens", num_image_tokens, codebook_size)
+        token_row(row["image_tokens"], f"CPR row {i}", "image_tokens", num_image_tokens, codebook_size)
         if row["kind"] == "reflection":
-            _tokens(row.get("source_tokens"), i, "source_tokens", num_image_tokens, codebook_size)
+            token_row(row.get("source_tokens"), f"CPR row {i}", "source_tokens", num_image_tokens, codebook_size)
         elif not all(isinstance(row.get(c), str) and row[c].strip() for c in TEXT_COLUMNS):
             raise TrainDataError(f"CPR row {i} ({row['kind']}): question and target must be non-empty strings")
 

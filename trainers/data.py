@@ -86,19 +86,25 @@ def load_rows(source: Any) -> list[dict]:
     return list(source)
 
 
+def token_row(value: Any, label: str, column: str, num_image_tokens: int | None,
+              codebook_size: int | None = None) -> np.ndarray:
+    """One row's `column` as int64 token ids, or TrainDataError naming `label` (the row)."""
+    arr = np.asarray(value if value is not None else [])
+    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+        raise TrainDataError(f"{label}: {column} must be a list of ints, "
+                             f"got {type(value).__name__} of dtype {arr.dtype}")
+    if num_image_tokens is not None and arr.shape[0] != num_image_tokens:
+        raise TrainDataError(f"{label}: {column} has {arr.shape[0]} tokens, "
+                             f"the model generates {num_image_tokens} image tokens per image")
+    if codebook_size is not None and ((arr < 0) | (arr >= codebook_size)).any():
+        raise TrainDataError(f"{label}: {column} has ids outside the codebook [0, {codebook_size})")
+    return arr.astype(np.int64)
+
+
 def _token_array(rows: Sequence[dict], column: str, num_image_tokens: int | None) -> np.ndarray:
     """(N, T) int64 token ids of `column`, or TrainDataError naming the first bad row."""
-    out = []
-    for i, row in enumerate(rows):
-        value = row[column]
-        arr = np.asarray(value if value is not None else [])
-        if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
-            raise TrainDataError(f"row {i} ({row.get('prompt_id')!r}): {column} must be a list of ints, "
-                                 f"got {type(value).__name__} of dtype {arr.dtype}")
-        if num_image_tokens is not None and arr.shape[0] != num_image_tokens:
-            raise TrainDataError(f"row {i} ({row.get('prompt_id')!r}): {column} has {arr.shape[0]} tokens, "
-                                 f"the model generates {num_image_tokens} image tokens per image")
-        out.append(arr.astype(np.int64))
+    out = [token_row(row[column], f"row {i} ({row.get('prompt_id')!r})", column, num_image_tokens)
+           for i, row in enumerate(rows)]
     return np.stack(out) if out else np.zeros((0, num_image_tokens or 0), np.int64)
 
 

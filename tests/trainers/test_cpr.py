@@ -40,7 +40,8 @@ def cpr_rows(n: int = 6) -> list[dict]:
 
 @pytest.mark.parametrize("change, message", [
     ({"kind": "poem"}, "kind 'poem' is not one of"),
-    ({"image_tokens": [1] * (T - 1)}, f"image_tokens must be {T} ints"),
+    ({"image_tokens": [1] * (T - 1)}, f"CPR row 0: image_tokens has {T - 1} tokens, the model generates {T}"),
+    ({"image_tokens": [0.5] * T}, "CPR row 0: image_tokens must be a list of ints"),
     ({"image_tokens": [V] * T}, "outside the codebook"),
     ({"question": "  "}, "question and target must be non-empty"),
     ({"prompt": None}, "missing column(s) prompt"),
