@@ -43,6 +43,7 @@ from models.janus import JanusUnified
 from models.tiny import TinySpec, build_tiny_parts
 from shapes.pretrain_vq import reconstruct, tokens
 from shapes.world import VOCABULARY, caption, hard_negative, render, sample_scene, satisfies, train_prompts
+from trainers.cpr import understanding_token_nll
 
 CAPTION_QUESTION = "Describe the image."  # what JanusUnified.describe asks
 
@@ -176,10 +177,7 @@ def understanding_loss(m: JanusUnified, groups: dict, cfg: PretrainConfig) -> tu
     answer_ids = torch.tensor(m._yes_no[0] + m._yes_no[1] + m.tokenizer.convert_tokens_to_ids(["0", "1"]))
     total, weight_sum, correct, answered = 0.0, 0.0, 0, 0
     for system, (images, questions, targets) in groups.items():
-        batch = m.understanding_batch(images, questions, targets, system=system)
-        labels = batch.pop("labels")[:, 1:]  # (B, L-1): token t+1 is predicted at position t
-        logits = m.janus(**batch).logits[:, :-1].float()  # (B, L-1, V)
-        nll = F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")  # (B, L-1)
+        nll, labels, logits = understanding_token_nll(m, images, questions, targets, system)  # (B, L-1), ...
         is_answer = torch.isin(labels, answer_ids)
         w = (labels != -100).float() * torch.where(is_answer, cfg.answer_weight, 1.0)
         total = total + (nll * w).sum()

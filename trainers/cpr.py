@@ -132,18 +132,26 @@ def reflection_logprobs(unified, prompts: list[str], source: torch.Tensor, targe
     return torch.log_softmax(logits.float(), -1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
 
 
+def understanding_token_nll(unified, images: list, questions: list[str], targets: list[str],
+                            system: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One teacher-forced understanding pass: per-token NLL (b, L-1; 0 where unlabelled), the labels
+    (b, L-1; -100 outside the targets) and the logits (b, L-1, V) that predict them."""
+    batch = unified.understanding_batch(images, questions, targets, system=system or None)
+    labels = batch.pop("labels")[:, 1:]  # (b, L-1): token t+1 is predicted at position t
+    logits = unified.janus(**batch).logits[:, :-1].float()  # (b, L-1, V)
+    nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    return nll, labels, logits
+
+
 def understanding_nll(unified, images: list, questions: list[str], targets: list[str],
                       systems: list[str]) -> tuple[torch.Tensor, int]:
     """(summed NLL of the target tokens, their count), one forward per system prompt."""
     total, count = None, 0
     for system in dict.fromkeys(systems):
         rows = [i for i, s in enumerate(systems) if s == system]
-        batch = unified.understanding_batch([images[i] for i in rows], [questions[i] for i in rows],
-                                            [targets[i] for i in rows], system=system or None)
-        labels = batch.pop("labels")[:, 1:]  # (b, L-1): token t+1 is predicted at position t
-        logits = unified.janus(**batch).logits[:, :-1].float()  # (b, L-1, V)
-        nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="sum")
-        total, count = nll if total is None else total + nll, count + int((labels != -100).sum())
+        nll, labels, _ = understanding_token_nll(unified, [images[i] for i in rows], [questions[i] for i in rows],
+                                                 [targets[i] for i in rows], system)
+        total, count = nll.sum() if total is None else total + nll.sum(), count + int((labels != -100).sum())
     return total, count
 
 
