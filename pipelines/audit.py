@@ -339,11 +339,11 @@ def audit_vs_best(best_round: Optional[int], best_metrics: Optional[dict], round
     promote = not degraded and not below_base and und_drop is None and delta >= -EPS
     co = (degraded or below_base) and _nonunified_shrank(cand, best_rec)
     verdict = ("DEGRADED: drop beyond tolerance" if degraded else
-               f"DEGRADED: understanding accuracy {und_drop * 100:.1f} points below the base model "
-               f"(audit.max_und_drop={audit_cfg.max_und_drop:g})" if und_drop is not None and not below_base else
                f"DEGRADED: significantly below the base model (paired gain "
                f"{cand.get(paired, math.nan) * 100:+.1f} points, "
                f"95% CI high {paired_hi * 100:+.1f})" if below_base else
+               f"DEGRADED: understanding accuracy {und_drop * 100:.1f} points below the base model "
+               f"(audit.max_und_drop={audit_cfg.max_und_drop:g})" if und_drop is not None else
                "promote: tie with the best (not worse)" if abs(delta) <= EPS else
                "promote: better than the best" if promote else
                "hold: below the best but within tolerance (best kept)")
