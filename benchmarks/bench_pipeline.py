@@ -6,9 +6,11 @@ setting on a fresh local Ray (2 CPUs); each process reports the driver's peak RS
 wall time and the rows that arrived. Settings, side by side in one run, for each prompt count:
   stream    what the driver runs today: `pipelines.rounds.generate / judge / pool`. The actors write
             the rows (Parquet part files) into the run store; the driver reads the key columns
-            (exactly-once check) and the pool stage's columns without the PNGs.
+            (exactly-once check), the Nonunified counts and the pool stage's columns without the PNGs,
+            a range of 2048 prompts at a time (`pipelines.chunks`).
   collect   the code before streaming: `pipelines.stages.generate_table` collects every row
-            (PNG included) on the driver, which writes it to the store and pools it.
+            (PNG included) on the driver, which writes it to the store and pools it (pools, SFT
+            set, DPO pairs, discard pool: the stream setting's pool work, on one frame).
   baseline  a process that imports the same modules, starts Ray and does nothing else.
 Both settings check that every row arrives exactly once. The tiny model's PNGs are ~100 bytes
 (32 px) and its tokens 16 per image, so the collect/stream ratio here is a floor: at Janus-Pro's
@@ -52,9 +54,9 @@ rows = 0
 if mode == "stream":
     ctx = SimpleNamespace(cfg=cfg, store=store)
     gen, _ = rounds.generate(ctx, prompts, 1, None)
-    judged, _ = rounds.judge(ctx, gen, 1, None)
+    judged, _ = rounds.judge(ctx, gen, 1, None, prompts)
     pooled, _ = rounds.pool(ctx, 1, judged, prompts)
-    rows = len(pooled.data)
+    rows = pooled.counts["samples"]
 elif mode == "collect":
     df = generate_table(prompts, cfg, round_=1, judge=True)  # checks the count
     assert df[["prompt_id", "sample_index"]].duplicated().sum() == 0
@@ -62,6 +64,8 @@ elif mode == "collect":
     pooled = P.assign_pools(df, cfg.pools.accept_threshold, cfg.pools.reject_threshold)
     store.write_table(1, "pool", pooled)
     sft = P.sft_set(pooled, cfg.pools.sft_select, cfg.pools.best_of_n_keep_above, cfg.pools.category_cap)
+    pairs = P.dpo_pairs(pooled, cfg.pairs.strategy, cfg.pairs.margin, cfg.pairs.max_pairs_per_prompt, seed=0)
+    discard = P.discard_pool(pooled)  # the same pool work as the stream setting's pool stage, on one frame
     rows = len(pooled)
 print(json.dumps({"mode": mode, "prompts": n, "rows": rows, "seconds": round(time.perf_counter() - t0, 1),
                   "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))

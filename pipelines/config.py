@@ -43,8 +43,7 @@ __all__ = ["Config", "ConfigError", "load_config", "config_from_dict", "dump_con
            "flatten_config", "config_hash", "config_docs", "derive_seed", "HASH_EXCLUDE"]
 
 
-# Janus (HF) language-model projections. A string is a regex that peft full-matches against module
-# names; the vision tower and VQ have the same layer names, so anchor on `language_model`.
+# Janus LM projections, a regex peft full-matches on module names (anchored: the vision tower shares them).
 LM_PROJECTIONS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
@@ -137,6 +136,7 @@ class PoolsSection(Section):
         None, "Most share of the SFT rows one category may take (the top-scored are kept); None = no cap.", gt=0, le=1)
     review_sample: int = _f(32, "Uncertain samples exported for human review (0 = none).", ge=0)
     review_seed: int = _f(0, "Seed of the risk-weighted review sample.", ge=0)
+    chunk_prompts: int = _f(2048, "Prompts whose rows the driver reads at once (row checks, pool stage).", ge=1)
 
 
 class PairsSection(Section):
@@ -281,7 +281,7 @@ class Config(Section):
 HASH_EXCLUDE: tuple[str, ...] = (
     "run.name", "run.root", "run.force", "run.rounds", "wandb", "serve", "ray", "generate.num_actors",
     "generate.num_cpus_per_actor", "judge.num_actors", "judge.num_cpus_per_actor", "judge.fused",
-    "train.cpus_per_worker", "train.max_failures", "train.checkpoint_every", "eval.num_shards")
+    "train.cpus_per_worker", "train.max_failures", "train.checkpoint_every", "eval.num_shards", "pools.chunk_prompts")
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:

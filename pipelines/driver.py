@@ -42,7 +42,7 @@ def run_round(ctx: Ctx, k: int) -> RoundRecord:
         proposed = ctx.stage(k, "propose", lambda: propose.propose(ctx, k, adapter))
     prompts = rounds.round_prompts(ctx, k, propose.admitted(proposed))  # + rotating slice + curriculum replay
     samples = ctx.stage(k, "generate", lambda: rounds.generate(ctx, prompts, k, adapter))  # rows stay in storage
-    judged = ctx.stage(k, "judge", lambda: rounds.judge(ctx, samples, k, adapter))
+    judged = ctx.stage(k, "judge", lambda: rounds.judge(ctx, samples, k, adapter, prompts))
     pooled = ctx.stage(k, "pool", lambda: rounds.pool(ctx, k, judged, prompts))
     trained = ctx.stage(k, "train", lambda: improve.train(ctx, k, pooled, adapter))
     evaluated = ctx.stage(k, "evaluate", lambda: improve.evaluate(ctx, k, trained))

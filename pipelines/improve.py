@@ -22,7 +22,7 @@ import pyarrow.fs as pafs
 
 from pipelines.audit import AuditDecision
 from pipelines.config import Config, derive_seed
-from pipelines.results import Evaluated, Pooled, Promoted, RoundRecord, Trained
+from pipelines.results import Evaluated, PoolRows, Promoted, RoundRecord, Trained
 from pipelines.rounds import Ctx, adapter_path
 from pipelines.store import RunStore
 
@@ -75,17 +75,18 @@ def _ref_logprobs(cfg: Config, adapter: Optional[str], pairs: list[dict]) -> lis
                                    **loss_distribution(cfg))
 
 
-def train(ctx: Ctx, k: int, pooled: Pooled, adapter: Optional[str]) -> tuple[Trained, dict]:
-    """LoRA post-training on the round's SFT set or DPO pairs; starts from the round's start adapter."""
+def train(ctx: Ctx, k: int, pooled: PoolRows, adapter: Optional[str]) -> tuple[Trained, dict]:
+    """LoRA post-training on the round's SFT set or DPO pairs; starts from the round's start adapter.
+    The training set comes to the driver (packed and put in the object store once: trainers/train.py)."""
     from trainers.train import train_adapter
 
     cfg, store = ctx.cfg, ctx.store
     key = "sft" if cfg.train.objective == "sft" else "pairs"
-    rows = getattr(pooled, key)
-    if len(rows) < cfg.train.num_workers:
-        reason = f"{len(rows)} {key} rows for {cfg.train.num_workers} workers: nothing to train on"
-        return Trained(None), {"skipped": reason, "rows": len(rows)}
-    rows = rows.to_dict("records")
+    n = pooled.counts[key]
+    if n < cfg.train.num_workers:
+        reason = f"{n} {key} rows for {cfg.train.num_workers} workers: nothing to train on"
+        return Trained(None), {"skipped": reason, "rows": n}
+    rows = pooled.table(store, key).to_dict("records")
     if cfg.train.objective == "dpo":  # reference log-probs once, before training: no resident reference model
         rows = _ray_task(cfg, _ref_logprobs, cfg, adapter, rows)
     local = isinstance(store.fs, pafs.LocalFileSystem)
@@ -93,7 +94,7 @@ def train(ctx: Ctx, k: int, pooled: Pooled, adapter: Optional[str]) -> tuple[Tra
     out_dir = store.adapter_dir(k) if local else tempfile.mkdtemp(prefix="unigap-adapter-")
     if local and os.path.isdir(out_dir):
         shutil.rmtree(out_dir)  # a crashed earlier attempt; the stage was never marked done
-    aux = pooled.cpr.to_dict("records") if pooled.cpr is not None and len(pooled.cpr) else None
+    aux = pooled.table(store, "cpr").to_dict("records") if pooled.counts.get("cpr") else None
     result = train_adapter(train_args(cfg, k, adapter, storage), rows, out_dir, aux=aux)
     if not local:
         pafs.copy_files(out_dir, store.adapter_dir(k), source_filesystem=pafs.LocalFileSystem(),
@@ -262,20 +263,16 @@ def promote(store: RunStore, k: int, decision: AuditDecision) -> tuple[Promoted,
     return Promoted(best, head), {"best": best, "head": head}
 
 
-def round_metrics(k: int, pooled: Pooled, trained: Trained, decision: AuditDecision,
+def round_metrics(k: int, pooled: PoolRows, trained: Trained, decision: AuditDecision,
                   timings: dict) -> dict[str, Any]:
     """Per-round scalars for W&B and the report, besides the evaluation's own."""
-    from pipelines.pools import nonunified_score
-
-    judged = pooled.data  # the judged rows (without PNGs) and their pools
-    counts = judged["pool"].value_counts()
-    own = nonunified_score(judged).to_metrics()
+    counts = pooled.counts  # the judged rows' pools, counted by the pool stage
     out = {f"train_set/{name}": int(counts.get(name, 0)) for name in ("accepted", "rejected", "uncertain")}
-    out.update({f"train_set/{m}": v for m, v in own.items()})
+    out.update({f"train_set/{m}": v for m, v in pooled.nonunified.items()})
     out.update(trained.metrics)
     seconds = {name: timings.get(f"time/{name}", 0.0) for name in ("generate", "train")}
     if seconds["generate"] > 0:
-        out["throughput/generate_rows_per_s"] = len(judged) / seconds["generate"]
+        out["throughput/generate_rows_per_s"] = counts.get("samples", 0) / seconds["generate"]
     if seconds["train"] > 0 and "train/step" in out:
         out["throughput/train_steps_per_s"] = out["train/step"] / seconds["train"]
     out.update({"audit/degraded": float(decision.degraded), "audit/promote": float(decision.promote)})

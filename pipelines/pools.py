@@ -224,19 +224,31 @@ def nonunified_score(judged: Any, threshold: float = NONUNIFIED_THRESHOLD) -> No
     and for P(Yes) 0.5 is where the answer flips to "No". Keeping it independent of the pool
     settings keeps the metric comparable across runs that pool differently.
     """
+    return nonunified_from_counts(nonunified_counts(judged, threshold))
+
+
+def nonunified_counts(judged: Any, threshold: float = NONUNIFIED_THRESHOLD) -> pd.DataFrame:
+    """Per category: samples judged 0 (`zero`), `valid` and `invalid` ones -- what `nonunified_score`
+    needs, as counts that add up over chunks of rows (`pipelines.chunks`)."""
     df = as_frame(judged)
     if df.empty:
-        return NonunifiedScore(rate(0, 0), {}, 0, {})
+        return pd.DataFrame({"zero": [], "valid": [], "invalid": []}, index=pd.Index([], name="category"))
     score = df["score"].astype(float)
     valid = df["valid"].astype(bool) & score.notna()
-    judged_zero = valid & (score < threshold)
-    per_cat, invalid_cat = {}, {}
-    for cat in sorted(df["category"].unique()):
-        mask = df["category"] == cat
-        per_cat[str(cat)] = rate(int((judged_zero & mask).sum()), int((valid & mask).sum()))
-        invalid_cat[str(cat)] = int((~valid & mask).sum())
-    return NonunifiedScore(rate(int(judged_zero.sum()), int(valid.sum())), per_cat,
-                           int((~valid).sum()), invalid_cat)
+    parts = pd.DataFrame({"category": df["category"].astype(str), "zero": valid & (score < threshold),
+                          "valid": valid, "invalid": ~valid})
+    return parts.groupby("category", sort=True).sum().astype(int)
+
+
+def nonunified_from_counts(counts: pd.DataFrame) -> NonunifiedScore:
+    """The Nonunified score from `nonunified_counts` (summed over chunks: `a.add(b, fill_value=0)`)."""
+    counts = counts.sort_index()
+    per_cat = {str(c): rate(int(r.zero), int(r.valid)) for c, r in counts.iterrows()}
+    invalid_cat = {str(c): int(r.invalid) for c, r in counts.iterrows()}
+    if counts.empty:
+        return NonunifiedScore(rate(0, 0), {}, 0, {})
+    return NonunifiedScore(rate(int(counts["zero"].sum()), int(counts["valid"].sum())), per_cat,
+                           int(counts["invalid"].sum()), invalid_cat)
 
 
 def grade_scores(judged: Any, grades: int) -> pd.DataFrame:

@@ -158,6 +158,15 @@ def reject_shares(pooled: pd.DataFrame) -> dict[str, float]:
     return {c: r.rate for c, r in nonunified_score(pooled).per_category.items()}
 
 
+def stored_reject_shares(store, k: int) -> dict[str, float]:
+    """`reject_shares` of round k as its pool stage recorded them (`PoolRows.nonunified`); run dirs
+    written before it did are read from the pool table."""
+    metrics = store.stage_info(k, "pool").get("result", {}).get("nonunified")
+    if not metrics:
+        return reject_shares(store.read_table(k, "pool", "data", columns=["category", "score", "valid"]).to_pandas())
+    return {key.split("/")[1]: v for key, v in metrics.items() if key.count("/") == 2 and key.endswith("/rate")}
+
+
 def round_quota(cfg, prompts: list[dict], store, k: int) -> dict[str, int]:
     """Round k's wanted proposals per category: proposal_share of the round's prompts, split uniformly
     over the training prompts' categories or (proposal_target=nonunified) by round k-1's reject shares."""
@@ -167,8 +176,7 @@ def round_quota(cfg, prompts: list[dict], store, k: int) -> dict[str, int]:
         return {FREE_CATEGORY: n}
     weights = None
     if p.proposal_target == "nonunified" and k > 1 and store.is_done(k - 1, "pool"):
-        weights = reject_shares(store.read_table(k - 1, "pool", "data", columns=["category", "score", "valid"])
-                                .to_pandas())
+        weights = stored_reject_shares(store, k - 1)
     return targets(n, sorted({r["category"] for r in prompts}), weights)
 
 

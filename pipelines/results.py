@@ -77,15 +77,22 @@ class StageRows:
 
 
 @dataclass
-class Pooled:
-    """The pool stage: every judged row with its pool, and the training sets built from them."""
+class PoolRows:
+    """The pool stage (`pipelines.pooling`): its tables were written chunk by chunk into the run
+    store (`pool/<name>/`: data = judged rows + pool and label_source, sft, pairs, discard,
+    accepted = prompt ids, cpr when cpr.* asks for rows), so the driver holds this handle, the counts
+    and the own judge's Nonunified metrics. Run dirs whose pool tables the driver wrote read the same."""
 
-    data: pd.DataFrame = table()  # judged rows + pool, label_source (human labels applied)
-    sft: pd.DataFrame = table()  # rejection-sampling SFT rows (pools.sft_select)
-    pairs: pd.DataFrame = table()  # DPO pairs (chosen = accepted, rejected = rejected, same prompt)
-    discard: pd.DataFrame = table()  # prompts with no accepted sample (the curriculum replays them)
-    accepted_prompt_ids: list[str] = field(default_factory=list)
-    cpr: Optional[pd.DataFrame] = table(optional=True)  # CPR rows (pipelines/cpr.py) when cpr.* asks for any
+    round: int
+    counts: dict[str, int] = field(default_factory=dict)  # accepted/rejected/uncertain samples, sft, pairs, cpr
+    nonunified: dict[str, float] = field(default_factory=dict)  # pools.NonunifiedScore.to_metrics()
+
+    def table(self, store: Any, name: str, columns: Optional[list[str]] = None) -> pd.DataFrame:
+        """Table `name` on the driver, all of it (the train stage's sft / pairs / cpr rows)."""
+        df = store.read_table(self.round, "pool", name, columns=columns).to_pandas()
+        order = {"cpr": ["kind", "prompt_id", "sample_index"], "pairs": ["prompt_id"]}.get(  # a prompt's pairs
+            name, [c for c in ("prompt_id", "sample_index") if c in df.columns])  # keep their order (one part)
+        return df.sort_values(order, kind="stable").reset_index(drop=True) if order else df
 
 
 @dataclass
@@ -129,7 +136,7 @@ class RoundRecord:
                 "metrics": self.metrics}
 
 
-RESULT_TYPES: dict[str, type] = {"generate": StageRows, "judge": StageRows, "pool": Pooled, "train": Trained,
+RESULT_TYPES: dict[str, type] = {"generate": StageRows, "judge": StageRows, "pool": PoolRows, "train": Trained,
                                  "evaluate": Evaluated, "audit": AuditDecision,
                                  "promote": Promoted}
 

@@ -62,17 +62,50 @@ class ReviewExport:
     template_path: str
 
 
-def review_weights(uncertain: pd.DataFrame) -> np.ndarray:
-    """Risk weight per row: closeness to 0.5 x category rarity (see module docstring)."""
+def review_weights(uncertain: pd.DataFrame, counts: Optional[pd.Series] = None) -> np.ndarray:
+    """Risk weight per row: closeness to 0.5 x category rarity (see module docstring). `counts`:
+    uncertain samples per category over the whole pool, when `uncertain` is one chunk of it."""
     if uncertain.empty:
         return np.zeros(0)
     score = uncertain["score"].astype(float)
     valid = uncertain["valid"].astype(bool) & score.notna()
     closeness = np.where(valid, 1.0 - (score - 0.5).abs().to_numpy() * 2.0, 1.0)
     closeness = np.clip(closeness, 0.05, 1.0)
-    counts = uncertain["category"].map(uncertain["category"].value_counts()).to_numpy(dtype=float)
-    rarity = len(uncertain) / (uncertain["category"].nunique() * counts)
+    counts = uncertain["category"].value_counts() if counts is None else counts
+    per_row = uncertain["category"].map(counts).to_numpy(dtype=float)
+    rarity = float(counts.sum()) / (len(counts) * per_row)
     return closeness * rarity
+
+
+class ReviewDraw:
+    """The risk-weighted draw of `select_for_review`, fed the uncertain rows chunk by chunk (in
+    (prompt_id, round, sample_index) order; `counts`: uncertain samples per category over all
+    chunks): it keeps at most `n` rows and picks exactly what one draw over all rows would."""
+
+    def __init__(self, n: int, seed: int, counts: pd.Series):
+        self.n, self.counts, self.rng = n, counts, np.random.default_rng(seed)
+        self.keep_all = int(counts.sum()) <= n
+        self.kept: Optional[pd.DataFrame] = None
+        self.seen = 0
+
+    def add(self, uncertain: pd.DataFrame) -> None:
+        if uncertain.empty or self.n <= 0:
+            return
+        rows = uncertain.reset_index(drop=True).assign(review_weight=review_weights(uncertain, self.counts))
+        rows["_pos"] = np.arange(self.seen, self.seen + len(rows))
+        self.seen += len(rows)
+        if not self.keep_all:  # log of u**(1/w): same order, no underflow for small w
+            rows["_key"] = np.log(self.rng.random(len(rows))) / rows["review_weight"].to_numpy()
+        both = rows if self.kept is None else pd.concat([self.kept, rows], ignore_index=True)
+        if not self.keep_all:
+            both = both.iloc[np.sort(np.argsort(-both["_key"].to_numpy(), kind="stable")[:self.n])]
+        self.kept = both.reset_index(drop=True)
+
+    def rows(self, empty: pd.DataFrame) -> pd.DataFrame:
+        """The chosen rows in pool order (`empty`: the columns to return when there are none)."""
+        if self.kept is None:
+            return empty.iloc[0:0].assign(review_weight=pd.Series(dtype=float))
+        return self.kept.drop(columns=[c for c in ("_pos", "_key") if c in self.kept]).reset_index(drop=True)
 
 
 def select_for_review(pooled: Any, n: int, seed: int) -> pd.DataFrame:
@@ -81,14 +114,9 @@ def select_for_review(pooled: Any, n: int, seed: int) -> pd.DataFrame:
     if df.empty or n <= 0:
         return df.iloc[0:0].assign(review_weight=pd.Series(dtype=float))
     uncertain = df[df["pool"] == "uncertain"].sort_values(_ORDER, kind="stable").reset_index(drop=True)
-    weights = review_weights(uncertain)
-    uncertain["review_weight"] = weights
-    if len(uncertain) <= n:
-        return uncertain
-    u = np.random.default_rng(seed).random(len(uncertain))
-    keys = np.log(u) / weights  # log of u**(1/w): same order, no underflow for small w
-    chosen = np.sort(np.argsort(-keys, kind="stable")[:n])
-    return uncertain.iloc[chosen].reset_index(drop=True)
+    draw = ReviewDraw(n, seed, uncertain["category"].value_counts())
+    draw.add(uncertain)
+    return draw.rows(uncertain)
 
 
 def export_review(pooled: Any, out_dir: str, n: int, seed: int,
@@ -96,7 +124,12 @@ def export_review(pooled: Any, out_dir: str, n: int, seed: int,
     """Write review.parquet, review.html and labels_template.csv under `out_dir` (path or URI).
     `images(rows)`: the PNG bytes of the chosen rows, when `pooled` does not carry them (the driver's
     pools hold no PNGs; they are fetched for the exported few only)."""
-    rows = select_for_review(pooled, n, seed)
+    return write_review(select_for_review(pooled, n, seed), out_dir, images)
+
+
+def write_review(rows: pd.DataFrame, out_dir: str,
+                 images: Optional[Callable[[pd.DataFrame], list[bytes]]] = None) -> ReviewExport:
+    """`export_review`'s files for rows already chosen (`select_for_review`, `ReviewDraw`)."""
     if images is not None:
         rows["png"] = images(rows)
     rows = rows[[c for c in EXPORT_COLUMNS if c in rows.columns]].reset_index(drop=True)

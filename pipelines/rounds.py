@@ -27,8 +27,8 @@ import pyarrow.fs as pafs
 
 from pipelines import pools as P
 from pipelines import results, stages
+from pipelines.chunks import chunk_frames, table_rows
 from pipelines.config import Config, derive_seed
-from pipelines.cpr import cpr_rows
 from pipelines.prompts import load_prompts
 from pipelines.store import RunStore
 
@@ -78,6 +78,12 @@ def load_stage(store: RunStore, k: int, name: str) -> Any:
     info = store.stage_info(k, name)
     if results.RESULT_TYPES.get(name) is results.StageRows and not info.get(RESULT_KEY):
         return results.StageRows(k, name, int(info["rows"]))  # written before streaming: <stage>/data.parquet
+    if name == "pool" and "counts" not in info.get(RESULT_KEY, {}):  # written before PoolRows: the driver's tables
+        light = store.read_table(k, name, "data", columns=["category", "score", "valid"]).to_pandas()
+        counts = {x: int(info.get(x, 0)) for x in ("accepted", "rejected", "uncertain", "pairs")}
+        cpr = table_rows(store, k, name, "cpr") if "cpr" in info.get(TABLES_KEY, []) else 0
+        counts.update(samples=len(light), sft=int(info.get("sft_rows", 0)), cpr=cpr)
+        return results.PoolRows(k, counts, P.nonunified_score(light).to_metrics())
     tables = {t: store.read_table(k, name, t).to_pandas() for t in info.get(TABLES_KEY, [])}
     return results.from_store(name, tables, info.get(RESULT_KEY, {}))
 
@@ -230,9 +236,17 @@ def mixed_slice(prompts: list[dict], mix: dict[str, float], n: int, k: int) -> l
 
 def pool_history(store: RunStore, k: int) -> list[tuple[list[dict], list[str]]]:
     """(discard-pool rows, accepted prompt ids) of each finished pool stage of rounds 1..k-1, in order."""
-    return [(store.read_table(j, "pool", "discard").to_pylist(),
-             store.stage_info(j, "pool")[RESULT_KEY].get("accepted_prompt_ids", []))
+    return [(store.read_table(j, "pool", "discard").sort_by("prompt_id").to_pylist(), accepted_ids(store, j))
             for j in range(1, k) if store.is_done(j, "pool")]
+
+
+def accepted_ids(store: RunStore, j: int) -> list[str]:
+    """Round j's prompts with an accepted sample: the pool stage's `accepted` table (run dirs written
+    before the pool stage wrote chunks keep them in the manifest)."""
+    legacy = store.stage_info(j, "pool")[RESULT_KEY].get("accepted_prompt_ids")
+    if legacy is not None:
+        return legacy
+    return sorted(store.read_table(j, "pool", "accepted").column("prompt_id").to_pylist())
 
 
 def open_discards(history: list[tuple[list[dict], list[str]]]) -> list[dict]:
@@ -271,15 +285,17 @@ def generate(ctx: Ctx, prompts: list[dict], k: int, adapter: Optional[str]):
     schema = "judged" if fused else "sample"
     ds = stages.generate_dataset(prompts, cfg, round_=k, adapter=adapter, judge=fused,
                                  sink=stages.stage_sink(ctx.store, k, "generate", schema))  # actors write
-    rows = stages.write_rows(ds, ctx.store, k, "generate", stages.expected_samples(prompts, cfg), schema, written=True)
+    rows = stages.write_rows(ds, ctx.store, k, "generate", stages.expected_samples(prompts, cfg), schema,
+                             [p["prompt_id"] for p in prompts], written=True, chunk=cfg.pools.chunk_prompts)
     return rows, {"prompts": len(prompts), "rows": rows.rows, "adapter_round": adapter and os.path.basename(adapter),
                   "fused": fused}
 
 
-def judge(ctx: Ctx, samples: results.StageRows, k: int, adapter: Optional[str]):
+def judge(ctx: Ctx, samples: results.StageRows, k: int, adapter: Optional[str], prompts: Sequence[dict]):
     """The own judge's verdicts (a judge pool, or the generate stage's when fused), graded (judge.grades),
     control arms, Nonunified: workers read the samples and write the judged rows to the run store."""
     cfg, store = ctx.cfg, ctx.store
+    ids, chunk = [p["prompt_id"] for p in prompts], cfg.pools.chunk_prompts
     fused = "score" in store.table_schema(samples.round, samples.stage).names  # judged in the generate stage
     j = cfg.judge
     if fused and not j.grades and j.corrupt == "none":
@@ -294,41 +310,20 @@ def judge(ctx: Ctx, samples: results.StageRows, k: int, adapter: Optional[str]):
             kw = {"grades": j.grades, "corrupt": j.corrupt, "seed": derive_seed(cfg.run.seed, k, "corrupt"),
                   "binary": j.mode == "binary" or j.grades == 1}
             ds = ds.map_batches(stages.post_judge, fn_kwargs=kw, batch_format="pandas")
-        out = stages.write_rows(ds, store, k, "judge", samples.rows, "judged", written=not post)
-    light = out.frame(store, columns=["prompt_id", "category", "score", "valid"])
-    ns = P.nonunified_score(light)
-    return out, {"rows": out.rows, "fused": fused, "invalid": int((~light["valid"]).sum()),
-                 "nonunified": ns.overall.rate, "corrupt": j.corrupt}
+        out = stages.write_rows(ds, store, k, "judge", samples.rows, "judged", ids, written=not post,
+                                chunk=chunk)
+    counts = None  # the Nonunified counts, a range of prompts at a time
+    for light in chunk_frames(store, out.round, out.stage, ids, chunk, ["prompt_id", "category", "score", "valid"]):
+        part = P.nonunified_counts(light)
+        counts = part if counts is None else counts.add(part, fill_value=0).astype(int)
+    ns = P.nonunified_from_counts(counts if counts is not None else P.nonunified_counts([]))
+    return out, {"rows": out.rows, "fused": fused, "invalid": ns.invalid, "nonunified": ns.overall.rate,
+                 "corrupt": j.corrupt}
 
 
-def pool(ctx: Ctx, k: int, judged: results.StageRows, prompts: list[dict]) -> tuple[results.Pooled, dict]:
-    """Pools, human labels (if `labels/round_<k>.csv|parquet` exists), training sets, review export.
-    The judged rows come to the driver without their PNGs (the review export fetches its few)."""
-    from pipelines.review import apply_labels, export_review, import_labels
+def pool(ctx: Ctx, k: int, judged: results.StageRows, prompts: list[dict]) -> tuple[results.PoolRows, dict]:
+    """Pools, human labels (if `labels/round_<k>.csv|parquet` exists), training sets, review export:
+    `pipelines.pooling`, a range of prompts at a time (the judged rows' PNGs stay in storage)."""
+    from pipelines.pooling import pool_stage
 
-    cfg, store = ctx.cfg, ctx.store
-    pooled = P.assign_pools(judged.frame(store), cfg.pools.accept_threshold, cfg.pools.reject_threshold)
-    for ext in ("csv", "parquet"):  # import_labels resolves local paths and URIs alike
-        if store.fs.get_file_info(store.path("labels", f"round_{k}.{ext}")).type == pafs.FileType.File:
-            pooled = apply_labels(pooled, import_labels(f"{store.uri}/labels/round_{k}.{ext}"))
-    discard = P.discard_pool(pooled)
-    pairs = P.dpo_pairs(pooled, cfg.pairs.strategy, cfg.pairs.margin, cfg.pairs.max_pairs_per_prompt,
-                        seed=derive_seed(cfg.run.seed, k, "pairs"))
-    if cfg.pools.review_sample and (pooled["pool"] == "uncertain").any():
-        export_review(pooled, os.path.join(store.uri, f"round_{k}", "review"), cfg.pools.review_sample,
-                      cfg.pools.review_seed, images=lambda rows: judged.pngs(store, rows))
-    accepted_ids = sorted(set(pooled.loc[pooled["pool"] == "accepted", "prompt_id"]))
-    replayed = {r["prompt_id"] for r in prompts if r.get("replayed")}
-    counts = pooled["pool"].value_counts().to_dict()
-    info = {"accepted": int(counts.get("accepted", 0)), "rejected": int(counts.get("rejected", 0)),
-            "uncertain": int(counts.get("uncertain", 0)), "discarded_prompts": len(discard),
-            "pairs": len(pairs), "replayed": len(replayed), "admitted": len(replayed & set(accepted_ids))}
-    sft = P.sft_set(pooled, cfg.pools.sft_select, cfg.pools.best_of_n_keep_above, cfg.pools.category_cap)
-    info["sft_rows"] = len(sft)
-    cpr = None
-    if cfg.cpr.enabled():  # UniCorn's caption / judgement / reflection rows, sized by the image rows
-        cpr = cpr_rows(pooled, len(sft) if cfg.train.objective == "sft" else len(pairs), cfg.cpr,
-                       derive_seed(cfg.run.seed, k, "cpr"))
-        info.update({f"cpr_{kind}": int(n) for kind, n in cpr["kind"].value_counts().items()})
-    return results.Pooled(pooled, sft, pairs, discard, accepted_ids, cpr), info
-
+    return pool_stage(ctx.store, ctx.cfg, k, judged, prompts, ctx.cfg.pools.chunk_prompts)

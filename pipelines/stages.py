@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -291,13 +291,16 @@ def write_part(rows: Any, sink: dict) -> dict[str, np.ndarray]:
     return {"rows": np.array([table.num_rows], dtype=np.int64)}
 
 
-def write_rows(ds, store, round_: int, stage: str, expected: int, schema: str, written: bool = False):
+def write_rows(ds, store, round_: int, stage: str, expected: int, schema: str, ids: Sequence[str],
+               written: bool = False, chunk: Optional[int] = None):
     """Run `ds` so that its rows land in `<stage>/data/` of the run store from the workers (Parquet
     part files; the driver never holds the rows): `written=True` when its UDFs write them themselves
-    (a `sink`: no extra tasks or worker processes), else a map task per block writes them. Then check,
-    on the key columns alone, the schema and that each of the `expected` rows is there exactly once: a
-    lost block, or rows written twice under different batchings, fail the stage (nothing is marked
-    done; a rerun starts clean)."""
+    (a `sink`: no extra tasks or worker processes), else a map task per block writes them. Then check
+    the schema, and that each of the `expected` rows of the prompts `ids` is there exactly once
+    (`pipelines.chunks.check_once`: the key columns, `chunk` prompts at a time): a lost block, or
+    rows written twice under different batchings, fail the stage (nothing is marked done; a rerun
+    starts clean)."""
+    from pipelines.chunks import CHUNK_PROMPTS, check_once
     from pipelines.results import StageRows
 
     sink = stage_sink(store, round_, stage, schema)
@@ -309,12 +312,12 @@ def write_rows(ds, store, round_: int, stage: str, expected: int, schema: str, w
     if expected == 0:
         return rows
     check_table(store.table_schema(round_, stage).empty_table(), schema, stage)
-    keys = rows.frame(store, columns=["prompt_id", "sample_index"])
-    dup = int(keys.duplicated().sum())
-    if len(keys) != expected or dup:
-        raise RuntimeError(f"stage {stage!r}: expected {expected} rows exactly once in {path}, found {len(keys)} "
-                           f"({dup} duplicated). On a multi-node cluster run.root must be storage every node "
-                           "writes to (s3://, gs://, a shared mount): a node-local dir keeps other nodes' rows.")
+    n = check_once(store, round_, stage, ids, chunk or CHUNK_PROMPTS)
+    if not n["total"] == n["seen"] == expected or n["duplicated"]:
+        raise RuntimeError(f"stage {stage!r}: expected {expected} rows exactly once in {path}, found {n['total']} "
+                           f"({n['duplicated']} duplicated, {n['total'] - n['seen']} of other prompts). On a "
+                           "multi-node cluster run.root must be storage every node writes to (s3://, gs://, a "
+                           "shared mount): a node-local dir keeps other nodes' rows.")
     return rows
 
 

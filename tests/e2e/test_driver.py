@@ -100,7 +100,7 @@ def test_two_rounds_end_to_end(finished):
         assert parts.is_dir() and list(parts.glob("*.parquet"))
         generated = set(pq.read_table(parts)["prompt_id"].to_pylist())
         assert generated and not generated & val_ids
-        assert "png" not in pq.read_schema(run_dir / f"round_{k}" / "pool" / "data.parquet").names
+        assert "png" not in pq.read_table(run_dir / f"round_{k}" / "pool" / "data").schema.names  # chunk parts
         # the proposer: one row per unconditional draw (round(0.5 x 3) prompts wanted x 3), each with a
         # status; what it admitted is generated this round (the tiny random model's captions rarely parse)
         from pipelines.propose import STATUSES
@@ -111,8 +111,8 @@ def test_two_rounds_end_to_end(finished):
         info = manifest["rounds"][str(k)]["stages"]["propose"]["info"]
         assert info["drawn"] == 6 and 0 <= info["valid_rate"] <= 1
         # CPR rows: stored with their kind by the pool stage, all of them trained beside the image rows
-        cpr = pq.read_table(run_dir / f"round_{k}" / "pool" / "cpr.parquet").to_pandas()
-        pooled = pq.read_table(run_dir / f"round_{k}" / "pool" / "data.parquet").to_pandas()
+        cpr = pq.read_table(run_dir / f"round_{k}" / "pool" / "cpr").to_pandas()
+        pooled = pq.read_table(run_dir / f"round_{k}" / "pool" / "data").to_pandas()
         pool_of = dict(zip(zip(pooled["prompt_id"], pooled["sample_index"]), pooled["pool"]))
         assert len(cpr) and set(cpr["kind"]) <= {"caption", "judgement", "reflection"}
         for kind, allowed in (("caption", {"accepted"}), ("judgement", {"accepted", "rejected"})):

@@ -6,7 +6,7 @@ import pytest
 from pipelines.audit import AuditDecision
 from pipelines.config import config_from_dict
 from pipelines.improve import promote
-from pipelines.results import Evaluated, Pooled, Promoted, StageRows, Trained
+from pipelines.results import Evaluated, PoolRows, Promoted, StageRows, Trained
 from pipelines.rounds import RESULT_KEY, TABLES_KEY, load_stage, run_stage, save_stage
 from pipelines.store import RunStore
 
@@ -33,7 +33,7 @@ def assert_same(a, b):
 
 
 @pytest.mark.parametrize("stage,result", [
-    ("pool", Pooled(frame(3), frame(1), frame(2, chosen=[1, 2]), frame(1), ["p0", "p2"])),
+    ("pool", PoolRows(2, {"samples": 8, "accepted": 3, "sft": 3}, {"nonunified/rate": 0.5})),
     ("train", Trained(4, {"train/loss": 0.5, "train/step": 12.0})),
     ("train", Trained(None)),
     ("evaluate", Evaluated({"eval/gen_accuracy": 0.25}, 2, frame(4), frame(2), frame(3))),
@@ -68,6 +68,25 @@ def test_run_dirs_written_with_dict_results_still_load(store):
     decision = load_stage(store, 3, "audit")
     assert decision == AuditDecision(False, False, "no new adapter", 1)
     assert decision.round != 3  # so promote() will not move `head` to a round that made no model
+
+
+def test_a_pool_stage_the_driver_wrote_whole_loads_as_a_pool_handle(store):
+    # before the pool stage wrote chunks: <table>.parquet files and the accepted ids in the manifest
+    data = frame(3, category=["x", "x", "y"], valid=True, pool=["accepted", "rejected", "rejected"])
+    for name, df in (("data", data), ("sft", frame(1)), ("pairs", frame(1)), ("discard", frame(2)),
+                     ("cpr", frame(2, kind="caption"))):
+        store.write_table(1, "pool", df, name=name)
+    store.mark_done(1, "pool", {"accepted": 1, "rejected": 2, "uncertain": 0, "pairs": 1, "sft_rows": 1,
+                                TABLES_KEY: ["cpr", "data", "discard", "pairs", "sft"],
+                                RESULT_KEY: {"accepted_prompt_ids": ["p0"]}})
+    pooled = load_stage(store, 1, "pool")
+    assert pooled.counts == {"accepted": 1, "rejected": 2, "uncertain": 0, "pairs": 1, "samples": 3, "sft": 1,
+                             "cpr": 2}
+    assert pooled.nonunified["nonunified/rate"] == pytest.approx(2 / 3)  # scores 0, 0.25 of 3 judged < 0.5
+    pd.testing.assert_frame_equal(pooled.table(store, "sft"), frame(1))
+    from pipelines.rounds import accepted_ids
+
+    assert accepted_ids(store, 1) == ["p0"]
 
 
 def test_a_plain_dict_is_not_a_stage_result(store):

@@ -124,7 +124,7 @@ def test_stages_stream_rows_from_the_workers_to_storage(reference, tmp_path, no_
     assert got["image_tokens"].map(list).tolist() == samples["image_tokens"].tolist()
     assert got["png"].tolist() == samples["png"].tolist()
     assert "png" not in gen.frame(store).columns
-    out, info = rounds.judge(ctx, gen, 1, None)
+    out, info = rounds.judge(ctx, gen, 1, None, PROMPTS)
     assert out.rows == len(samples) and info["fused"] == fused
     rows = out.frame(store)
     assert rows[["prompt_id", "sample_index"]].values.tolist() == judged[["prompt_id", "sample_index"]].values.tolist()
@@ -133,6 +133,29 @@ def test_stages_stream_rows_from_the_workers_to_storage(reference, tmp_path, no_
     if corrupt == "inverted":
         np.testing.assert_allclose(rows["raw_score"], own, atol=1e-5)
     assert info["nonunified"] == pytest.approx(stages_nonunified(rows))
+
+
+def test_the_driver_reads_at_most_one_chunk_of_rows_per_stage(reference, tmp_path, no_driver_collect,
+                                                              counting_store):
+    """generate -> judge (a separate judge pool) -> pool with pools.chunk_prompts=2: the driver's
+    exactly-once checks, Nonunified counts and pooling read 2 prompts x 2 samples at a time, never the
+    round's 10 rows, and the counts still cover every row."""
+    from types import SimpleNamespace
+
+    from pipelines import rounds
+
+    _, samples, judged = reference
+    cfg = make_cfg(judge={"fused": False}, pools={"chunk_prompts": 2, "review_sample": 1})
+    store = counting_store(str(tmp_path), "c")
+    store.init(cfg)
+    ctx = SimpleNamespace(cfg=cfg, store=store)
+    gen, _ = rounds.generate(ctx, PROMPTS, 1, None)
+    out, info = rounds.judge(ctx, gen, 1, None, PROMPTS)
+    pooled, pinfo = rounds.pool(ctx, 1, out, PROMPTS)
+    assert 0 < store.most <= 2 * 2 < len(samples)
+    assert pooled.counts["samples"] == len(samples) == sum(pinfo[x] for x in ("accepted", "rejected", "uncertain"))
+    assert info["nonunified"] == pytest.approx(stages_nonunified(judged))
+    assert pooled.nonunified["nonunified/rate"] == pytest.approx(info["nonunified"])
 
 
 def stages_nonunified(rows):
@@ -151,12 +174,15 @@ def test_a_retried_write_replaces_its_part_and_a_row_written_twice_fails_the_sta
     store = RunStore(str(tmp_path), "d")
     store.init(cfg)
     ds = ray.data.from_pandas(samples)
-    stages.write_rows(ds, store, 1, "generate", len(samples), "sample")
+    ids = sorted(set(samples["prompt_id"]))
+    stages.write_rows(ds, store, 1, "generate", len(samples), "sample", ids)
     parts = sorted(os.listdir(tmp_path / "d" / "round_1" / "generate" / "data"))
-    stages.write_rows(ds, store, 1, "generate", len(samples), "sample")  # the retry: same parts, once each
+    stages.write_rows(ds, store, 1, "generate", len(samples), "sample", ids)  # the retry: same parts, once each
     assert sorted(os.listdir(tmp_path / "d" / "round_1" / "generate" / "data")) == parts
-    with pytest.raises(RuntimeError, match=r"exactly once .* \(10 duplicated\)"):
-        stages.write_rows(ds.repartition(3), store, 1, "generate", len(samples), "sample")
+    with pytest.raises(RuntimeError, match=r"found 10 \(0 duplicated, 2 of other prompts\)"):
+        stages.write_rows(ds, store, 1, "generate", len(samples) - 2, "sample", ids[1:])  # a stray prompt's rows
+    with pytest.raises(RuntimeError, match=r"exactly once .* \(10 duplicated, 0 of other prompts\)"):
+        stages.write_rows(ds.repartition(3), store, 1, "generate", len(samples), "sample", ids)
 
 
 def test_judge_adds_scores(reference):

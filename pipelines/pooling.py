@@ -1,0 +1,114 @@
+"""The pool stage, a range of prompts at a time: pools, human labels, training sets, review export.
+
+Where it fits: after the judge stage (`pipelines.rounds.pool` calls `pool_stage`). The judged rows
+(without their PNGs) come to the driver in chunks of `pipelines.chunks.CHUNK_PROMPTS` prompts; each
+chunk is pooled (`pools.assign_pools`, reviewers' labels), turned into its SFT rows, DPO pairs,
+discard-pool prompts and accepted prompt ids -- all per-prompt work -- and written as part files of
+`round_<k>/pool/<table>/`. The driver keeps counts, the Nonunified counts and at most
+`pools.review_sample` review candidates, so it never holds more than one chunk of rows, and the tables
+equal what pooling all rows at once gives (chunks are contiguous in prompt order).
+
+Two opt-in steps need the whole round and read a whole table on the driver: `pools.category_cap`
+(the SFT set; a cap is a share of the total) and the CPR rows (`cpr.*`, sized by the training set).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import pandas as pd
+import pyarrow.fs as pafs
+
+from pipelines import pools as P
+from pipelines.chunks import CHUNK_PROMPTS, PartWriter, chunk_frames
+from pipelines.config import Config, derive_seed
+from pipelines.results import PoolRows, StageRows
+
+TABLES = {"data": None, "sft": P.SFT_COLUMNS, "pairs": P.PAIR_COLUMNS,
+          "discard": ["prompt_id", "prompt", "category", "num_samples", "best_score"], "accepted": ["prompt_id"]}
+
+
+def round_labels(store: Any, k: int) -> pd.DataFrame:
+    """Reviewers' labels of round k (`labels/round_<k>.csv|parquet` in the run store), or none."""
+    from pipelines.review import import_labels
+
+    for ext in ("csv", "parquet"):  # import_labels resolves local paths and URIs alike
+        if store.fs.get_file_info(store.path("labels", f"round_{k}.{ext}")).type == pafs.FileType.File:
+            return import_labels(f"{store.uri}/labels/round_{k}.{ext}")
+    return pd.DataFrame(columns=["prompt_id", "sample_index", "label"])
+
+
+def pool_stage(store: Any, cfg: Config, k: int, judged: StageRows, prompts: list[dict],
+               size: int = CHUNK_PROMPTS) -> tuple[PoolRows, dict]:
+    """Pool round k's judged rows chunk by chunk (module doc); returns the handle and the stage info."""
+    from pipelines.review import LabelError, ReviewDraw, apply_labels, write_review
+
+    ids = [str(p["prompt_id"]) for p in prompts]
+    labels = round_labels(store, k)
+    stray = sorted(set(labels["prompt_id"].astype(str)) - set(ids))
+    if stray:
+        raise LabelError(f"labels for samples not in this pool: {stray[:5]}{' ...' if len(stray) > 5 else ''}")
+    columns = [c for c in store.table_schema(judged.round, judged.stage).names if c != "png"]
+    pooled_columns = columns + ["pool", "label_source"]
+    writers = {name: PartWriter(store, k, "pool", name, pd.DataFrame(columns=cols or pooled_columns))
+               for name, cols in TABLES.items()}
+    replayed = {str(r["prompt_id"]) for r in prompts if r.get("replayed")}
+    pools: dict[str, int] = {}
+    nonunified = uncertain = None
+    admitted = 0
+    c = cfg.pools
+    for rows in chunk_frames(store, judged.round, judged.stage, ids, size, columns=columns):
+        pooled = P.assign_pools(rows, c.accept_threshold, c.reject_threshold)
+        pid = labels["prompt_id"].astype(str)
+        mine = labels[(pid >= rows["prompt_id"].min()) & (pid <= rows["prompt_id"].max())] if len(rows) else labels[:0]
+        if len(mine):
+            pooled = apply_labels(pooled, mine)
+        accepted = sorted(set(pooled.loc[pooled["pool"] == "accepted", "prompt_id"]))
+        writers["data"].write(pooled)
+        writers["sft"].write(P.sft_set(pooled, c.sft_select, c.best_of_n_keep_above))
+        writers["pairs"].write(P.dpo_pairs(pooled, cfg.pairs.strategy, cfg.pairs.margin,
+                                           cfg.pairs.max_pairs_per_prompt, seed=derive_seed(cfg.run.seed, k, "pairs")))
+        writers["discard"].write(P.discard_pool(pooled))
+        writers["accepted"].write(pd.DataFrame({"prompt_id": accepted}))
+        for name, n in pooled["pool"].value_counts().items():
+            pools[name] = pools.get(name, 0) + int(n)
+        nonunified = _add(nonunified, P.nonunified_counts(pooled))
+        uncertain = _add(uncertain, pooled.loc[pooled["pool"] == "uncertain", "category"].value_counts())
+        admitted += len(replayed & set(accepted))
+    sizes = {name: w.close() for name, w in writers.items()}
+    if c.category_cap is not None:  # a share of the whole SFT set: read it whole, cap, write it back
+        sft = PoolRows(k).table(store, "sft").assign(pool="accepted")  # every SFT row is an accepted sample
+        sft = P.cap_categories(sft, c.category_cap)[P.SFT_COLUMNS]
+        sizes["sft"] = _rewrite(store, k, "sft", sft)
+    info = {"accepted": pools.get("accepted", 0), "rejected": pools.get("rejected", 0),
+            "uncertain": pools.get("uncertain", 0), "discarded_prompts": sizes["discard"], "pairs": sizes["pairs"],
+            "replayed": len(replayed), "admitted": admitted, "sft_rows": sizes["sft"]}
+    if c.review_sample and info["uncertain"]:
+        draw = ReviewDraw(c.review_sample, c.review_seed, uncertain)
+        for rows in chunk_frames(store, k, "pool", ids, size, filters=[("pool", "==", "uncertain")]):
+            draw.add(rows)
+        write_review(draw.rows(pd.DataFrame(columns=columns)), os.path.join(store.uri, f"round_{k}", "review"),
+                     images=lambda rows: judged.pngs(store, rows))
+    counts = {"samples": sum(pools.values()), **{x: info[x] for x in ("accepted", "rejected", "uncertain", "pairs")},
+              "sft": info["sft_rows"]}
+    if cfg.cpr.enabled():  # UniCorn's caption / judgement / reflection rows, sized by the image rows
+        from pipelines.cpr import cpr_rows
+
+        n = info["sft_rows"] if cfg.train.objective == "sft" else info["pairs"]
+        cpr = cpr_rows(PoolRows(k).table(store, "data"), n, cfg.cpr, derive_seed(cfg.run.seed, k, "cpr"))
+        counts["cpr"] = _rewrite(store, k, "cpr", cpr)
+        info.update({f"cpr_{kind}": int(n) for kind, n in cpr["kind"].value_counts().items()})
+    metrics = P.nonunified_from_counts(nonunified if nonunified is not None else P.nonunified_counts([])).to_metrics()
+    return PoolRows(k, counts, metrics), info
+
+
+def _add(total: Optional[Any], part: Any) -> Any:
+    """Counts (a Series or a DataFrame indexed by category) summed over chunks."""
+    return part if total is None else total.add(part, fill_value=0).astype(int)
+
+
+def _rewrite(store: Any, k: int, name: str, df: pd.DataFrame) -> int:
+    writer = PartWriter(store, k, "pool", name, df)
+    writer.write(df)
+    return writer.close()
