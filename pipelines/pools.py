@@ -162,32 +162,31 @@ def dpo_pairs(pooled: Any, strategy: Literal["best_worst", "all"], margin: float
     df = as_frame(pooled)
     if df.empty or max_pairs_per_prompt <= 0:
         return pd.DataFrame(columns=PAIR_COLUMNS)
-    df["_eff"] = _effective_score(df)
-    pairs: list[dict] = []
-    for pid, group in df.sort_values(_ORDER, kind="stable").groupby("prompt_id", sort=True):
-        chosen = group[group["pool"] == "accepted"].sort_values("_eff", ascending=False, kind="stable")
-        rejected = group[group["pool"] == "rejected"].sort_values("_eff", kind="stable")
-        if chosen.empty or rejected.empty:
-            continue
-        if strategy == "best_worst":
-            candidates = [(chosen.iloc[0], rejected.iloc[0])]
-        else:
-            candidates = [(c, r) for _, c in chosen.iterrows() for _, r in rejected.iterrows()]
-        candidates = [(c, r) for c, r in candidates if c["_eff"] - r["_eff"] >= margin]
-        if len(candidates) > max_pairs_per_prompt:
-            rng = np.random.default_rng([seed, _hash32(str(pid))])
-            keep = sorted(rng.choice(len(candidates), size=max_pairs_per_prompt, replace=False))
-            candidates = [candidates[i] for i in keep]
-        pairs.extend(_pair_row(c, r) for c, r in candidates)
-    return pd.DataFrame(pairs, columns=PAIR_COLUMNS)
-
-
-def _pair_row(c: pd.Series, r: pd.Series) -> dict:
-    return {"prompt_id": c["prompt_id"], "prompt": c["prompt"], "category": c["category"],
-            "round": int(c["round"]), "chosen_index": int(c["sample_index"]),
-            "rejected_index": int(r["sample_index"]), "chosen_tokens": c["image_tokens"],
-            "rejected_tokens": r["image_tokens"], "chosen_score": float(c["_eff"]),
-            "rejected_score": float(r["_eff"])}
+    df = df.sort_values(_ORDER, kind="stable").reset_index(drop=True)
+    df["_eff"], df["_pos"] = _effective_score(df).to_numpy(), np.arange(len(df))  # _pos: ties keep row order
+    df["_neg"] = -df["_eff"]
+    chosen = df[df["pool"] == "accepted"].sort_values(["prompt_id", "_neg", "_pos"])
+    rejected = df[df["pool"] == "rejected"].sort_values(["prompt_id", "_eff", "_pos"])
+    if strategy == "best_worst":  # the top chosen and the bottom rejected of each prompt
+        chosen, rejected = chosen.groupby("prompt_id").head(1), rejected.groupby("prompt_id").head(1)
+    chosen = chosen.assign(_c=np.arange(len(chosen)))
+    rejected = rejected.assign(_r=np.arange(len(rejected)))
+    both = chosen.merge(rejected, on="prompt_id", suffixes=("", "_rej")).sort_values(["_c", "_r"])
+    both = both[both["_eff"] - both["_eff_rej"] >= margin]  # chosen-major order within each prompt
+    if len(both) and both["prompt_id"].value_counts().max() > max_pairs_per_prompt:
+        keep = []
+        for pid, idx in both.groupby("prompt_id", sort=False).indices.items():
+            if len(idx) > max_pairs_per_prompt:  # a seeded sample, seeded per prompt
+                rng = np.random.default_rng([seed, _hash32(str(pid))])
+                idx = idx[np.sort(rng.choice(len(idx), size=max_pairs_per_prompt, replace=False))]
+            keep.extend(idx)
+        both = both.iloc[np.sort(np.asarray(keep))]
+    out = pd.DataFrame({"prompt_id": both["prompt_id"], "prompt": both["prompt"], "category": both["category"],
+                        "round": both["round"].astype(np.int64), "chosen_index": both["sample_index"].astype(np.int64),
+                        "rejected_index": both["sample_index_rej"].astype(np.int64),
+                        "chosen_tokens": both["image_tokens"], "rejected_tokens": both["image_tokens_rej"],
+                        "chosen_score": both["_eff"].astype(float), "rejected_score": both["_eff_rej"].astype(float)})
+    return out[PAIR_COLUMNS].reset_index(drop=True)
 
 
 def _effective_score(df: pd.DataFrame) -> pd.Series:

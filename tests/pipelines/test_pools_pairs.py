@@ -221,3 +221,42 @@ def test_graded_scores_bin_p_yes_and_keep_binary_and_invalid_scores():
     assert grade_scores(rows, 0)["score"].tolist()[:4] == [0.349, 0.351, 1.0, 0.0]
     with pytest.raises(ValueError):
         grade_scores(rows, -1)
+
+
+def reference_pairs(pooled, strategy, margin, max_pairs_per_prompt, seed):
+    """dpo_pairs' docstring, one prompt at a time, as plain loops (the spec the vectorised one meets)."""
+    from pipelines.pools import _effective_score, _hash32
+
+    df = as_frame(pooled).sort_values(["prompt_id", "round", "sample_index"], kind="stable")
+    df["_eff"] = _effective_score(df)
+    out = []
+    for pid, g in df.groupby("prompt_id", sort=True):
+        chosen = g[g["pool"] == "accepted"].sort_values("_eff", ascending=False, kind="stable")
+        rejected = g[g["pool"] == "rejected"].sort_values("_eff", kind="stable")
+        cand = [(c, r) for _, c in chosen.iterrows() for _, r in rejected.iterrows()]
+        if strategy == "best_worst":
+            cand = cand[:1] and [(chosen.iloc[0], rejected.iloc[0])]
+        cand = [(c, r) for c, r in cand if c["_eff"] - r["_eff"] >= margin]
+        if len(cand) > max_pairs_per_prompt:
+            rng = np.random.default_rng([seed, _hash32(str(pid))])
+            cand = [cand[i] for i in sorted(rng.choice(len(cand), size=max_pairs_per_prompt, replace=False))]
+        out += [(pid, int(c["sample_index"]), int(r["sample_index"]), float(c["_eff"]), float(r["_eff"]))
+                for c, r in cand]
+    return out
+
+
+@pytest.mark.parametrize("strategy,margin,cap", [("best_worst", 0.0, 1), ("best_worst", 0.5, 3), ("all", 0.0, 100),
+                                                 ("all", 0.2, 3)])
+def test_pairs_match_the_per_prompt_spec_on_random_pools(strategy, margin, cap):
+    rng = np.random.default_rng(7)
+    rows = [dict(prompt_id=f"p{rng.integers(0, 40):02d}", prompt="x", category="c", round=1, sample_index=i,
+                 image_tokens=[i], score=float(rng.choice([0.1, 0.3, 0.3, 0.7, 0.9, 0.9])), valid=True)
+            for i in range(400)]
+    pooled = assign_pools(pd.DataFrame(rows).sample(frac=1, random_state=1), 0.6, 0.4)
+    pooled.loc[pooled.index[:20], "label_source"] = "human"  # labels count as 1.0 / 0.0
+    got = dpo_pairs(pooled, strategy, margin, cap, seed=3)
+    want = reference_pairs(pooled, strategy, margin, cap, seed=3)
+    assert len(want) >= 20
+    assert list(zip(got["prompt_id"], got["chosen_index"], got["rejected_index"], got["chosen_score"],
+                    got["rejected_score"])) == want
+    assert got["chosen_tokens"].map(list).tolist() == [[c] for _, c, _, _, _ in want]
