@@ -6,11 +6,16 @@ In one process, on the same model, batch and CFG weight:
   * self-judge: the one-forward-pass P(Yes) judge against generating the judge's answer text
     (the paper's binary "The score is s" format, 16 new tokens).
 Prints each speed-up ratio (median of `--repeats` interleaved runs). Goals: generation >= 2x,
-judge >= 5x. Record results in benchmarks/RESULTS.md with the machine and date.
+judge >= 5x. With `--hbm-tbps` (a GPU's memory bandwidth, TB/s) it also prints the generation's
+memory roofline: every decode step reads the language model's and generation head's weights once and
+each row's KV cache (both CFG rows per image), so images/s <= batch / (T x (weights + rows x (L + T/2)
+x KV bytes per token) / bandwidth), and the share of it reached. Record results in
+benchmarks/RESULTS.md with the machine and date.
 
     python benchmarks/bench_generate.py                      # tiny + shapes-sized models, CPU
     python benchmarks/bench_generate.py --model shapes --batch 16 64
-    python benchmarks/bench_generate.py --model janus-pro-1b --device cuda --batch 16 64   # GPU only
+    python benchmarks/bench_generate.py --model janus-pro-1b --device cuda --dtype bfloat16 \
+        --batch 16 64 --hbm-tbps 3.0                                                       # GPU only (H100)
 """
 
 from __future__ import annotations
@@ -73,15 +78,31 @@ def bench_judge(m, batch: int, repeats: int, sync) -> tuple[float, float]:
     return statistics.median(a), statistics.median(b)
 
 
-def build(name: str, device: str):
+def build(name: str, device: str, dtype: str = "float32"):
     if name in SPECS:
         m = build_tiny(SPECS[name], seed=0)
+        m.model.to(getattr(torch, dtype))
     else:  # a published config with random weights: nothing downloaded (GPU machines)
         from models.loading import random_janus_pro
 
-        m = random_janus_pro(name, device=device)
+        m = random_janus_pro(name, device=device, dtype=dtype)
     m.model.to(device)
     return m
+
+
+def roofline_images_per_s(m, batch: int, cfg: float, tbps: float) -> float:
+    """The memory-bound ceiling of generation (module doc): weights read once per decode step, plus
+    every row's KV cache at its average length over the image (prompt L + T/2)."""
+    model = m.janus.model
+    lm, head = model.language_model, model.generation_head
+    weights = sum(p.numel() * p.element_size() for mod in (lm, head) for p in mod.parameters())
+    tc = lm.config
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    kv_per_token = 2 * tc.num_hidden_layers * tc.num_key_value_heads * head_dim * next(lm.parameters()).element_size()
+    ids, _ = m.encode_generation_prompts((PROMPTS * batch)[:batch])  # (batch, L)
+    T, rows = m.num_image_tokens, batch * (2 if cfg != 1.0 else 1)
+    step_bytes = weights + rows * (ids.shape[1] + T / 2) * kv_per_token
+    return batch / (T * step_bytes / (tbps * 1e12))
 
 
 def main(argv=None) -> None:
@@ -92,18 +113,24 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--hbm-tbps", type=float, default=None, help="memory bandwidth (TB/s) for the roofline")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    print(f"torch {torch.__version__}, device {args.device}, threads {args.threads}, cfg {args.cfg}")
+    print(f"torch {torch.__version__}, device {args.device}, {args.dtype}, threads {args.threads}, cfg {args.cfg}")
     print(f"{'model':8} {'batch':>5} {'what':10} {'unigap s':>9} {'baseline s':>10} {'speed-up':>8}")
     for name in args.model:
-        m = build(name, args.device)
+        m = build(name, args.device, args.dtype)
         for batch in args.batch:
             ours, hf = bench_generation(m, batch, args.cfg, args.repeats, sync)
             imgs = batch / ours
+            roof = ""
+            if args.hbm_tbps:
+                top = roofline_images_per_s(m, batch, args.cfg, args.hbm_tbps)
+                roof = f", roofline {top:.1f} images/s at {args.hbm_tbps} TB/s: {imgs / top:.0%} of it"
             print(f"{name:8} {batch:5d} {'generate':10} {ours:9.4f} {hf:10.4f} {hf / ours:7.2f}x  "
-                  f"({imgs:.1f} images/s)")
+                  f"({imgs:.1f} images/s{roof})")
             ours, txt = bench_judge(m, batch, args.repeats, sync)
             print(f"{name:8} {batch:5d} {'judge':10} {ours:9.4f} {txt:10.4f} {txt / ours:7.2f}x")
 

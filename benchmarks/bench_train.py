@@ -15,6 +15,8 @@ above the post-import baseline; then the resident / precomputed ratios.
 
     python benchmarks/bench_train.py                     # ~1.5 min on 2 CPU cores (2 repeats)
     python benchmarks/bench_train.py --steps 20 --batch 16
+    python benchmarks/bench_train.py --model janus-pro-1b --device cuda --dtype bfloat16 --batch 8 \
+        --steps 3 --repeats 1     # GPU only: a Janus-Pro-1B-shaped random model, peak GPU memory too
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def run_variant(variant: str, steps: int, batch: int, warmup: int) -> dict:
+def run_variant(variant: str, steps: int, batch: int, warmup: int, model: str = "shapes", device: str = "cpu",
+                dtype: str = "float32") -> dict:
     """One variant in this process: returns tokens/s and peak memory."""
     import copy
 
@@ -52,15 +55,22 @@ def run_variant(variant: str, steps: int, batch: int, warmup: int) -> dict:
     baseline = _rss_mib()  # after imports: what every worker pays anyway
     spec = TinySpec(vq_patch=4, hidden=192, layers=4, heads=6, kv_heads=6, intermediate=512,
                     vision_hidden=64, vision_layers=2, codebook=256, vq_embed_dim=16)
-    base = build_tiny(spec, seed=0)
-    T, V = base.num_image_tokens, spec.codebook
+    if model == "shapes":
+        base = build_tiny(spec, seed=0)
+        base.model.to(device=device, dtype=getattr(torch, dtype))
+    else:  # a published shape with random weights (models.loading.random_janus_pro): GPU machines
+        from models.loading import random_janus_pro
+
+        base = random_janus_pro(model, device=device, dtype=dtype)
+    T, V = base.num_image_tokens, base.janus.config.vq_config.num_embeddings
     reference = copy.deepcopy(base) if variant == "dpo_resident" else None  # before LoRA is injected
     torch.manual_seed(0)
     policy = attach_lora(base, LoraSpec(r=16, alpha=32, dropout=0.0))  # as measured in RESULTS.md
-    policy.model.train()
+    policy.model.to(device).train()
     objective = "sft" if variant.startswith("sft") else "dpo"
     args = TrainArgs(objective=objective, model_path="tiny", num_workers=1, batch_size=batch, lr=1e-3,
-                     storage_path="/unused")
+                     storage_path="/unused", precision="bf16" if dtype == "bfloat16" and device != "cpu" else "fp32")
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     n = batch * (steps + warmup)
     rng = np.random.default_rng(0)
     cols = ("image_tokens",) if objective == "sft" else ("chosen_tokens", "rejected_tokens")
@@ -73,24 +83,27 @@ def run_variant(variant: str, steps: int, batch: int, warmup: int) -> dict:
     tokens, t0 = 0, 0.0
     for step in range(steps + warmup):
         if step == warmup:
+            sync()
             tokens, t0 = 0, time.perf_counter()
         idx = np.arange(step * batch, (step + 1) * batch)
         if reference is not None:  # the resident reference's forward is part of the step
             with torch.no_grad():
                 ids, mask = policy.encode_generation_prompts([data.prompts[i] for i in idx])  # (b, L)
                 for c, ref_col in (("chosen_tokens", "ref_chosen_logp"), ("rejected_tokens", "ref_rejected_logp")):
-                    tok = torch.from_numpy(data.tokens[c][idx])  # (b, T)
+                    tok = torch.from_numpy(data.tokens[c][idx]).to(ids.device)  # (b, T)
                     logits = reference.image_logits(ids, mask, tok)  # (b, T, V)
                     data.ref_logp[ref_col][idx] = torch.log_softmax(logits.float(), -1).gather(
-                        -1, tok.unsqueeze(-1)).squeeze(-1).sum(-1).numpy()  # (b,)
+                        -1, tok.unsqueeze(-1)).squeeze(-1).sum(-1).cpu().numpy()  # (b,)
         train_step(model, policy, optimizer, scheduler, data, [idx], args)
         tokens += batch * T * (1 if objective == "sft" else 2)
+    sync()
     wall = time.perf_counter() - t0
     held = [policy.model] + ([reference.model] if reference is not None else [])
     weights = {id(t): t.numel() * t.element_size() for m in held for t in list(m.parameters()) + list(m.buffers())}
     return {"variant": variant, "tokens_per_s": tokens / wall, "step_s": wall / steps,
             "weights_mib": sum(weights.values()) / 2**20,
             "peak_rss_mib": _rss_mib(), "baseline_rss_mib": baseline,
+            "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else 0.0,
             "params_m": sum(p.numel() for p in base.janus.parameters()) / 1e6}
 
 
@@ -101,26 +114,30 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="rows per step (a DPO row is a pair)")
     ap.add_argument("--repeats", type=int, default=2, help="subprocesses per variant, interleaved (median)")
     ap.add_argument("--variant", choices=VARIANTS, help="internal: run one variant, print JSON")
+    ap.add_argument("--model", default="shapes", help="shapes (CPU), or janus-pro-1b / janus-pro-7b (random weights)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     a = ap.parse_args()
     if a.variant:
-        print(json.dumps(run_variant(a.variant, a.steps, a.batch, a.warmup)))
+        print(json.dumps(run_variant(a.variant, a.steps, a.batch, a.warmup, a.model, a.device, a.dtype)))
         return
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     runs = {v: [] for v in VARIANTS}
     for _ in range(a.repeats):  # interleaved, so load changes on a shared box hit every variant alike
         for v in VARIANTS:
             out = subprocess.run([sys.executable, __file__, "--variant", v, "--steps", str(a.steps), "--batch",
-                                  str(a.batch), "--warmup", str(a.warmup)], env=env, check=True,
+                                  str(a.batch), "--warmup", str(a.warmup), "--model", a.model, "--device", a.device,
+                                  "--dtype", a.dtype], env=env, check=True,
                                  capture_output=True, text=True).stdout
             runs[v].append(json.loads(out.strip().splitlines()[-1]))
     results = {v: {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "variant"} for v, rs in runs.items()}
-    print(f"shapes-sized Janus ({results['sft']['params_m']:.2f} M params), batch {a.batch}, {a.steps} steps, "
-          f"1 thread, median of {a.repeats}")
+    print(f"{a.model} Janus ({results['sft']['params_m']:.2f} M params), {a.device} {a.dtype}, batch {a.batch}, "
+          f"{a.steps} steps, 1 thread, median of {a.repeats}")
     print(f"{'variant':14s} {'tokens/s':>9s} {'s/step':>7s} {'weights MiB':>12s} "
-          f"{'peak RSS MiB':>13s} {'above base':>11s}")
+          f"{'peak RSS MiB':>13s} {'above base':>11s} {'peak GPU MiB':>13s}")
     for v, r in results.items():
         print(f"{v:14s} {r['tokens_per_s']:9.0f} {r['step_s']:7.3f} {r['weights_mib']:12.1f} "
-              f"{r['peak_rss_mib']:13.0f} {r['peak_rss_mib'] - r['baseline_rss_mib']:11.0f}")
+              f"{r['peak_rss_mib']:13.0f} {r['peak_rss_mib'] - r['baseline_rss_mib']:11.0f} {r['peak_gpu_mib']:13.0f}")
     cond, guided = results["sft"], results["sft_guided"]
     print(f"guided / conditional SFT: s/step x{guided['step_s'] / cond['step_s']:.2f}, "
           f"peak RSS x{guided['peak_rss_mib'] / cond['peak_rss_mib']:.2f}")
