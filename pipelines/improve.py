@@ -20,6 +20,7 @@ from typing import Any, Optional
 import pandas as pd
 import pyarrow.fs as pafs
 
+from pipelines import stages
 from pipelines.audit import AuditDecision
 from pipelines.config import Config, derive_seed
 from pipelines.results import Evaluated, PoolRows, Promoted, RoundRecord, Trained
@@ -53,20 +54,6 @@ def loss_distribution(cfg: Config) -> dict[str, float]:
     return {"cfg_weight": 1.0, "temperature": 1.0}
 
 
-def _task(cfg: Config, fn):
-    """`fn` as a Ray remote function with the generation actors' resources (a GPU on a cluster)."""
-    import ray
-
-    return ray.remote(num_cpus=1, num_gpus=cfg.generate.num_gpus_per_actor or None, max_retries=1)(fn)
-
-
-def _ray_task(cfg: Config, fn, *args):
-    """Run `fn(*args)` as one such Ray task and wait for it."""
-    import ray
-
-    return ray.get(_task(cfg, fn).remote(*args))
-
-
 def _ref_logprobs(cfg: Config, adapter: Optional[str], pairs: list[dict]) -> list[dict]:
     from trainers.train import precompute_ref_logprobs
 
@@ -88,7 +75,7 @@ def train(ctx: Ctx, k: int, pooled: PoolRows, adapter: Optional[str]) -> tuple[T
         return Trained(None), {"skipped": reason, "rows": n}
     rows = pooled.table(store, key).to_dict("records")
     if cfg.train.objective == "dpo":  # reference log-probs once, before training: no resident reference model
-        rows = _ray_task(cfg, _ref_logprobs, cfg, adapter, rows)
+        rows = stages.run_model_task(cfg, _ref_logprobs, cfg, adapter, rows)
     local = isinstance(store.fs, pafs.LocalFileSystem)
     storage = store.path("train") if local else store.uri + "/train"
     out_dir = store.adapter_dir(k) if local else tempfile.mkdtemp(prefix="unigap-adapter-")
@@ -153,10 +140,10 @@ def evaluate_model(cfg: Config, adapter: Optional[str], heldout: list[dict], bas
 
     prompts = select_prompts(heldout, cfg.eval.num_prompts, cfg.eval.seed)
     n = max(1, min(cfg.eval.num_shards, len(prompts)))
-    shard = _task(cfg, _evaluate_shard)
+    shard = stages.model_task(cfg, _evaluate_shard)
     parts = ray.get([shard.remote(cfg, adapter, prompts[i::n], list(validation)[i::n]) for i in range(n)])
     generations = pd.concat([g for g, _ in parts], ignore_index=True)
-    out = _ray_task(cfg, _evaluate_task, cfg, adapter, prompts, base_pairs, generations)
+    out = stages.run_model_task(cfg, _evaluate_task, cfg, adapter, prompts, base_pairs, generations)
     vals = [v for _, v in parts if v is not None and len(v)]
     if not vals:
         return out, None

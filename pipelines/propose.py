@@ -206,7 +206,7 @@ def _draw_task(cfg, adapter: Optional[str], seeds: list[int]) -> list[str]:
 def propose(ctx, k: int, adapter: Optional[str]) -> tuple[pd.DataFrame, dict]:
     """The propose stage of round k: draw, describe, validate; (ProposalRows, info)."""
     from pipelines.config import derive_seed
-    from pipelines.improve import _ray_task  # one Ray task with the generation actors' resources
+    from pipelines.stages import run_model_task  # one Ray task with the generation actors' resources
 
     cfg, p = ctx.cfg, ctx.cfg.prompts
     grammar = cfg.audit.backend == "oracle"
@@ -214,7 +214,7 @@ def propose(ctx, k: int, adapter: Optional[str]) -> tuple[pd.DataFrame, dict]:
     n = sum(quota.values())
     base = derive_seed(cfg.run.seed, k, "propose")
     seeds = [derive_seed(base, 0, "draw", i) for i in range(math.ceil(n * p.proposal_inflation))]
-    captions = _ray_task(cfg, _draw_task, cfg, adapter, seeds) if seeds else []
+    captions = run_model_task(cfg, _draw_task, cfg, adapter, seeds) if seeds else []
     rows, info = select(captions, seeds, quota, grammar, [r["prompt"] for r in ctx.heldout],
                         [r["prompt"] for r in ctx.validation], p.max_prompt_tokens, base)
     known = {_norm(r["prompt"]): r for r in ctx.prompts}

@@ -252,6 +252,23 @@ def judge_table(samples: pd.DataFrame, cfg: Config, adapter: Optional[str] = Non
     return df
 
 
+# ------------------------------------------------------------------ one model task
+def model_task(cfg: Config, fn):
+    """`fn` as a Ray remote function with the generation actors' resources (a GPU on a cluster): the
+    model work that is one call rather than a stream of rows (reference log-probs, evaluation shards,
+    the proposer's draws)."""
+    import ray
+
+    return ray.remote(num_cpus=1, num_gpus=cfg.generate.num_gpus_per_actor or None, max_retries=1)(fn)
+
+
+def run_model_task(cfg: Config, fn, *args):
+    """Run `fn(*args)` as one such Ray task and wait for it."""
+    import ray
+
+    return ray.get(model_task(cfg, fn).remote(*args))
+
+
 # ------------------------------------------------------------------ rows straight to storage
 def stage_sink(store, round_: int, stage: str, schema: str) -> dict:
     """Where the workers of a stage write its rows: `round_<k>/<stage>/data/` of the run store."""
