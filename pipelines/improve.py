@@ -62,9 +62,31 @@ def _ref_logprobs(cfg: Config, adapter: Optional[str], pairs: list[dict]) -> lis
                                    **loss_distribution(cfg))
 
 
+def _training_data(cfg: Config, args: Any, adapter: Optional[str], key: str, fs: Any, paths: dict[str, str]):
+    """The train stage's rows where a Ray task runs (never on the driver): read from the pool stage's
+    tables (`paths`: sft or pairs, and cpr if any), DPO's reference log-probs added, checked and packed
+    (`trainers.train.prepare`). Returns (PackedRows, rows, CPR rows); the packed rows stay in the
+    object store for the training workers."""
+    import pyarrow.parquet as pq
+
+    from pipelines.results import pool_table_order
+    from trainers.train import prepare
+
+    def read(name: str) -> list[dict]:
+        return pool_table_order(name, pq.read_table(paths[name], filesystem=fs).to_pandas()).to_dict("records")
+
+    rows = read(key)
+    if cfg.train.objective == "dpo":  # reference log-probs once, before training: no resident reference model
+        rows = _ref_logprobs(cfg, adapter, rows)
+    aux = read("cpr") if "cpr" in paths else None
+    return prepare(args, rows, aux), len(rows), len(aux or ())
+
+
 def train(ctx: Ctx, k: int, pooled: PoolRows, adapter: Optional[str]) -> tuple[Trained, dict]:
     """LoRA post-training on the round's SFT set or DPO pairs; starts from the round's start adapter.
-    The training set comes to the driver (packed and put in the object store once: trainers/train.py)."""
+    A Ray task reads, checks and packs the rows (`_training_data`); the driver holds their counts."""
+    import ray
+
     from trainers.train import train_adapter
 
     cfg, store = ctx.cfg, ctx.store
@@ -73,22 +95,22 @@ def train(ctx: Ctx, k: int, pooled: PoolRows, adapter: Optional[str]) -> tuple[T
     if n < cfg.train.num_workers:
         reason = f"{n} {key} rows for {cfg.train.num_workers} workers: nothing to train on"
         return Trained(None), {"skipped": reason, "rows": n}
-    rows = pooled.table(store, key).to_dict("records")
-    if cfg.train.objective == "dpo":  # reference log-probs once, before training: no resident reference model
-        rows = stages.run_model_task(cfg, _ref_logprobs, cfg, adapter, rows)
     local = isinstance(store.fs, pafs.LocalFileSystem)
     storage = store.path("train") if local else store.uri + "/train"
     out_dir = store.adapter_dir(k) if local else tempfile.mkdtemp(prefix="unigap-adapter-")
     if local and os.path.isdir(out_dir):
         shutil.rmtree(out_dir)  # a crashed earlier attempt; the stage was never marked done
-    aux = pooled.table(store, "cpr").to_dict("records") if pooled.counts.get("cpr") else None
-    result = train_adapter(train_args(cfg, k, adapter, storage), rows, out_dir, aux=aux)
+    args = train_args(cfg, k, adapter, storage)
+    paths = {name: store.table_path(k, "pool", name) for name in [key] + (["cpr"] if pooled.counts.get("cpr") else [])}
+    packed, rows, aux = stages.model_task(cfg, _training_data).options(num_returns=3).remote(
+        cfg, args, adapter, key, store.fs, paths)
+    rows, aux = ray.get([rows, aux])  # bad rows fail here, before any training
+    result = train_adapter(args, None, out_dir, packed=packed)
     if not local:
         pafs.copy_files(out_dir, store.adapter_dir(k), source_filesystem=pafs.LocalFileSystem(),
                         destination_filesystem=store.fs)
     final = {f"train/{m}": float(v) for m, v in result.metrics.items() if isinstance(v, (int, float))}
-    info = {"rows": len(rows), "cpr_rows": len(aux or ()), "steps": len(result.history),
-            "loss": final.get("train/loss", float("nan"))}
+    info = {"rows": rows, "cpr_rows": aux, "steps": len(result.history), "loss": final.get("train/loss", float("nan"))}
     return Trained(k, final), info
 
 

@@ -88,11 +88,15 @@ class PoolRows:
     nonunified: dict[str, float] = field(default_factory=dict)  # pools.NonunifiedScore.to_metrics()
 
     def table(self, store: Any, name: str, columns: Optional[list[str]] = None) -> pd.DataFrame:
-        """Table `name` on the driver, all of it (the train stage's sft / pairs / cpr rows)."""
-        df = store.read_table(self.round, "pool", name, columns=columns).to_pandas()
-        order = {"cpr": ["kind", "prompt_id", "sample_index"], "pairs": ["prompt_id"]}.get(  # a prompt's pairs
-            name, [c for c in ("prompt_id", "sample_index") if c in df.columns])  # keep their order (one part)
-        return df.sort_values(order, kind="stable").reset_index(drop=True) if order else df
+        """Table `name`, all of it, in its canonical order (`pool_table_order`)."""
+        return pool_table_order(name, store.read_table(self.round, "pool", name, columns=columns).to_pandas())
+
+
+def pool_table_order(name: str, df: pd.DataFrame) -> pd.DataFrame:
+    """A pool table read from its part files, in the order the pool stage built it."""
+    order = {"cpr": ["kind", "prompt_id", "sample_index"], "pairs": ["prompt_id"]}.get(  # a prompt's pairs
+        name, [c for c in ("prompt_id", "sample_index") if c in df.columns])  # keep their order (one part)
+    return df.sort_values(order, kind="stable").reset_index(drop=True) if order else df
 
 
 @dataclass

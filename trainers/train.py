@@ -10,11 +10,10 @@ memory while training) -> `train_adapter`: one `TorchTrainer.fit()`, N DDP worke
 on GPU), a checkpoint (adapter + `train_state.pt`) every `checkpoint_every` steps, resume from the
 latest one after a worker failure (`max_failures`) or when the same `run_name` runs again.
 
-Data path: the rows are packed into numpy arrays and `ray.put` once; each worker takes its slice of a
-(seed, epoch) permutation (trainers/data.py). Chosen over `datasets={"train": ...}` because a round's
-set is small (thousands of rows), the order must be reproducible by seed and epoch, a resumed worker
-must skip exactly the batches already trained, and DDP needs equal batch counts on every rank --
-all trivial with an index plan, all extra machinery with a streaming split.
+Data path: the rows are packed into numpy arrays once (`prepare`) into the object store; each worker
+takes its slice of a (seed, epoch) permutation (trainers/data.py). Chosen over `datasets=` because a
+round's set is small (thousands of rows), the order must be reproducible by seed and epoch, a resumed
+worker must skip exactly the batches already trained, and DDP needs equal batch counts on every rank.
 
 Example (2 CPU workers on a local Ray; tests/trainers/test_train.py runs the same):
     >>> import ray, tempfile
@@ -136,10 +135,11 @@ class TrainResult:
 
 def validate(args: TrainArgs, rows: Any, aux: Any = None) -> None:
     """Reject bad arguments and bad rows before any compute or Ray call (TrainDataError / ValueError)."""
-    _prepare(args, rows, aux)
+    prepare(args, rows, aux)
 
 
-def _prepare(args: TrainArgs, rows: Any, aux: Any = None) -> D.PackedRows:
+def prepare(args: TrainArgs, rows: Any, aux: Any = None) -> D.PackedRows:
+    """The rows (+ CPR rows) checked against the model and the arguments, packed for the workers."""
     D.check_args(args)
     planned_failure(args.storage_path, args.run_name)  # a malformed fault-drill file fails here
     rows = D.load_rows(rows)
@@ -182,17 +182,18 @@ def precompute_ref_logprobs(model_path: str, init_adapter: Optional[str], pairs:
 
 
 # ---------------------------------------------------------------------------------------- driver
-def train_adapter(args: TrainArgs, rows: Any, out_dir: str, aux: Any = None) -> TrainResult:
+def train_adapter(args: TrainArgs, rows: Any, out_dir: str, aux: Any = None, packed: Any = None) -> TrainResult:
     """Validate, run one TorchTrainer.fit(), copy the final adapter to out_dir (verified) + metrics.
-    `aux`: CPR rows (trainers/cpr.py) trained beside `rows` in every micro-batch, or None."""
+    `aux`: CPR rows (trainers/cpr.py) trained beside `rows`, or None. `packed`: an ObjectRef of
+    `prepare(args, rows, aux)` made where the rows are stored (a Ray task): the caller never holds them."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    packed = _prepare(args, rows, aux)  # raises before any Ray call
+    data = packed if packed is not None else ray.put(prepare(args, rows, aux))  # raises before any Ray call
     resources = {"CPU": args.cpus_per_worker, **({"GPU": args.gpus_per_worker} if args.use_gpu else {})}
     trainer = TorchTrainer(
-        train_loop, train_loop_config={"args": args, "data": ray.put(packed)},
+        train_loop, train_loop_config={"args": args, "data": data},
         scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu,
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if args.use_gpu else "gloo"),

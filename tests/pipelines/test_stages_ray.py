@@ -139,13 +139,16 @@ def test_the_driver_reads_at_most_one_chunk_of_rows_per_stage(reference, tmp_pat
                                                               counting_store):
     """generate -> judge (a separate judge pool) -> pool with pools.chunk_prompts=2: the driver's
     exactly-once checks, Nonunified counts and pooling read 2 prompts x 2 samples at a time, never the
-    round's 10 rows, and the counts still cover every row."""
+    round's 10 rows, and the counts still cover every row; the train stage reads none on the driver
+    (a Ray task reads, checks and packs them for the training workers)."""
     from types import SimpleNamespace
 
-    from pipelines import rounds
+    from pipelines import improve, rounds
 
     _, samples, judged = reference
-    cfg = make_cfg(judge={"fused": False}, pools={"chunk_prompts": 2, "review_sample": 1})
+    cfg = make_cfg(judge={"fused": False}, pools={"chunk_prompts": 2, "review_sample": 1, "accept_threshold": 0.0,
+                                                  "reject_threshold": 0.0},
+                   train={"epochs": 1, "batch_size": 2, "num_workers": 2})
     store = counting_store(str(tmp_path), "c")
     store.init(cfg)
     ctx = SimpleNamespace(cfg=cfg, store=store)
@@ -156,6 +159,11 @@ def test_the_driver_reads_at_most_one_chunk_of_rows_per_stage(reference, tmp_pat
     assert pooled.counts["samples"] == len(samples) == sum(pinfo[x] for x in ("accepted", "rejected", "uncertain"))
     assert info["nonunified"] == pytest.approx(stages_nonunified(judged))
     assert pooled.nonunified["nonunified/rate"] == pytest.approx(info["nonunified"])
+    store.most = 0
+    trained, tinfo = improve.train(ctx, 1, pooled, None)
+    assert store.most == 0 and trained.adapter_round == 1
+    assert tinfo["rows"] == pooled.counts["sft"] == len(samples) and tinfo["steps"] == 3  # ceil(5 rows per rank / 2)
+    assert (tmp_path / "c" / "adapters" / "round_1" / "adapter_model.safetensors").is_file()
 
 
 def stages_nonunified(rows):
