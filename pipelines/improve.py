@@ -84,7 +84,10 @@ def _training_data(cfg: Config, args: Any, adapter: Optional[str], key: str, fs:
 
 def train(ctx: Ctx, k: int, pooled: PoolRows, adapter: Optional[str]) -> tuple[Trained, dict]:
     """LoRA post-training on the round's SFT set or DPO pairs; starts from the round's start adapter.
-    A Ray task reads, checks and packs the rows (`_training_data`); the driver holds their counts."""
+    The rows are read, checked and packed (`_training_data`) by a Ray task, which also computes DPO's
+    reference log-probs, so the driver holds their counts; an SFT set no larger than one chunk of the
+    pool stage (`pools.chunk_prompts` x samples per prompt) is packed on the driver instead (a task
+    costs a fresh worker process, ~4 s a round on 2 CPUs)."""
     import ray
 
     from trainers.train import train_adapter
@@ -102,9 +105,14 @@ def train(ctx: Ctx, k: int, pooled: PoolRows, adapter: Optional[str]) -> tuple[T
         shutil.rmtree(out_dir)  # a crashed earlier attempt; the stage was never marked done
     args = train_args(cfg, k, adapter, storage)
     paths = {name: store.table_path(k, "pool", name) for name in [key] + (["cpr"] if pooled.counts.get("cpr") else [])}
-    packed, rows, aux = stages.model_task(cfg, _training_data).options(num_returns=3).remote(
-        cfg, args, adapter, key, store.fs, paths)
-    rows, aux = ray.get([rows, aux])  # bad rows fail here, before any training
+    per_prompt = max([cfg.generate.num_images, *cfg.generate.num_images_by_category.values()])
+    if key == "sft" and n + pooled.counts.get("cpr", 0) <= cfg.pools.chunk_prompts * per_prompt:
+        packed, rows, aux = _training_data(cfg, args, adapter, key, store.fs, paths)
+        packed = ray.put(packed)
+    else:
+        packed, rows, aux = stages.model_task(cfg, _training_data).options(num_returns=3).remote(
+            cfg, args, adapter, key, store.fs, paths)
+        rows, aux = ray.get([rows, aux])  # bad rows fail here, before any training
     result = train_adapter(args, None, out_dir, packed=packed)
     if not local:
         pafs.copy_files(out_dir, store.adapter_dir(k), source_filesystem=pafs.LocalFileSystem(),
