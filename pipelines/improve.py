@@ -63,10 +63,10 @@ def _ref_logprobs(cfg: Config, adapter: Optional[str], pairs: list[dict]) -> lis
 
 
 def _training_data(cfg: Config, args: Any, adapter: Optional[str], key: str, fs: Any, paths: dict[str, str]):
-    """The train stage's rows where a Ray task runs (never on the driver): read from the pool stage's
-    tables (`paths`: sft or pairs, and cpr if any), DPO's reference log-probs added, checked and packed
-    (`trainers.train.prepare`). Returns (PackedRows, rows, CPR rows); the packed rows stay in the
-    object store for the training workers."""
+    """The train stage's rows, in a Ray task (`train`: on the driver only for an SFT set within one
+    pool chunk): read from the pool stage's tables (`paths`: sft or pairs, and cpr if any), DPO's
+    reference log-probs added, checked and packed (`trainers.train.prepare`). Returns (PackedRows,
+    rows, CPR rows); from the task, the packed rows stay in the object store for the training workers."""
     import pyarrow.parquet as pq
 
     from pipelines.results import pool_table_order
