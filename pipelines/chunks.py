@@ -27,8 +27,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipelines.results import ORDER, canonical
+
 CHUNK_PROMPTS = 2048  # prompts per chunk: x 8 samples, ~16k rows without PNGs on the driver at most
-ORDER = ["prompt_id", "sample_index"]
 
 
 def id_ranges(ids: Iterable[str], size: int) -> list[tuple[str, str]]:
@@ -43,9 +44,7 @@ def read_range(store: Any, round_: int, stage: str, lo: str, hi: str, columns: O
                name: str = "data", filters: Optional[list] = None) -> pd.DataFrame:
     """The rows of table `name` whose prompt_id is in [lo, hi] (plus `filters`), sorted canonically."""
     where = [("prompt_id", ">=", lo), ("prompt_id", "<=", hi)] + list(filters or [])
-    df = store.read_table(round_, stage, name, columns=columns, filters=where).to_pandas()
-    order = [c for c in ORDER if c in df.columns]
-    return df.sort_values(order, kind="stable").reset_index(drop=True) if order else df
+    return canonical(store.read_table(round_, stage, name, columns=columns, filters=where).to_pandas())
 
 
 def chunk_frames(store: Any, round_: int, stage: str, ids: Iterable[str], size: int = CHUNK_PROMPTS,
@@ -67,7 +66,7 @@ def check_once(store: Any, round_: int, stage: str, ids: Iterable[str], size: in
     footers), `seen` (rows of the prompts `ids`), `duplicated` (a (prompt_id, sample_index) seen twice).
     The rows are there exactly once when total == seen == expected and nothing is duplicated."""
     seen = dup = 0
-    for keys in chunk_frames(store, round_, stage, ids, size, columns=ORDER):
+    for keys in chunk_frames(store, round_, stage, ids, size, columns=list(ORDER)):
         seen += len(keys)
         dup += int(keys.duplicated().sum())
     return {"total": table_rows(store, round_, stage), "seen": seen, "duplicated": dup}

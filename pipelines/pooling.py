@@ -15,7 +15,7 @@ Two opt-in steps need the whole round and read a whole table on the driver: `poo
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any
 
 import pandas as pd
 import pyarrow.fs as pafs
@@ -54,14 +54,15 @@ def pool_stage(store: Any, cfg: Config, k: int, judged: StageRows, prompts: list
     writers = {name: PartWriter(store, k, "pool", name, pd.DataFrame(columns=cols or pooled_columns))
                for name, cols in TABLES.items()}
     replayed = {str(r["prompt_id"]) for r in prompts if r.get("replayed")}
+    label_ids = labels["prompt_id"].astype(str)
     pools: dict[str, int] = {}
     nonunified = uncertain = None
     admitted = 0
     c = cfg.pools
     for rows in chunk_frames(store, judged.round, judged.stage, ids, size, columns=columns):
         pooled = P.assign_pools(rows, c.accept_threshold, c.reject_threshold)
-        pid = labels["prompt_id"].astype(str)
-        mine = labels[(pid >= rows["prompt_id"].min()) & (pid <= rows["prompt_id"].max())] if len(rows) else labels[:0]
+        ids_in = (label_ids >= rows["prompt_id"].min()) & (label_ids <= rows["prompt_id"].max())
+        mine = labels[ids_in] if len(rows) else labels[:0]
         if len(mine):
             pooled = apply_labels(pooled, mine)
         accepted = sorted(set(pooled.loc[pooled["pool"] == "accepted", "prompt_id"]))
@@ -73,8 +74,8 @@ def pool_stage(store: Any, cfg: Config, k: int, judged: StageRows, prompts: list
         writers["accepted"].write(pd.DataFrame({"prompt_id": accepted}))
         for name, n in pooled["pool"].value_counts().items():
             pools[name] = pools.get(name, 0) + int(n)
-        nonunified = _add(nonunified, P.nonunified_counts(pooled))
-        uncertain = _add(uncertain, pooled.loc[pooled["pool"] == "uncertain", "category"].value_counts())
+        nonunified = P.add_counts(nonunified, P.nonunified_counts(pooled))
+        uncertain = P.add_counts(uncertain, pooled.loc[pooled["pool"] == "uncertain", "category"].value_counts())
         admitted += len(replayed & set(accepted))
     sizes = {name: w.close() for name, w in writers.items()}
     if c.category_cap is not None:  # a share of the whole SFT set: read it whole, cap, write it back
@@ -99,13 +100,8 @@ def pool_stage(store: Any, cfg: Config, k: int, judged: StageRows, prompts: list
         cpr = cpr_rows(PoolRows(k).table(store, "data"), n, cfg.cpr, derive_seed(cfg.run.seed, k, "cpr"))
         counts["cpr"] = _rewrite(store, k, "cpr", cpr)
         info.update({f"cpr_{kind}": int(n) for kind, n in cpr["kind"].value_counts().items()})
-    metrics = P.nonunified_from_counts(nonunified if nonunified is not None else P.nonunified_counts([])).to_metrics()
+    metrics = P.nonunified_from_counts(nonunified).to_metrics()
     return PoolRows(k, counts, metrics), info
-
-
-def _add(total: Optional[Any], part: Any) -> Any:
-    """Counts (a Series or a DataFrame indexed by category) summed over chunks."""
-    return part if total is None else total.add(part, fill_value=0).astype(int)
 
 
 def _rewrite(store: Any, k: int, name: str, df: pd.DataFrame) -> int:

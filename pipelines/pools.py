@@ -239,15 +239,18 @@ def nonunified_counts(judged: Any, threshold: float = NONUNIFIED_THRESHOLD) -> p
     return parts.groupby("category", sort=True).sum().astype(int)
 
 
-def nonunified_from_counts(counts: pd.DataFrame) -> NonunifiedScore:
-    """The Nonunified score from `nonunified_counts` (summed over chunks: `a.add(b, fill_value=0)`)."""
-    counts = counts.sort_index()
+def nonunified_from_counts(counts: Optional[pd.DataFrame]) -> NonunifiedScore:
+    """The Nonunified score from `nonunified_counts`, summed over chunks with `add_counts` (None: none)."""
+    counts = nonunified_counts([]) if counts is None else counts.sort_index()
     per_cat = {str(c): rate(int(r.zero), int(r.valid)) for c, r in counts.iterrows()}
     invalid_cat = {str(c): int(r.invalid) for c, r in counts.iterrows()}
-    if counts.empty:
-        return NonunifiedScore(rate(0, 0), {}, 0, {})
     return NonunifiedScore(rate(int(counts["zero"].sum()), int(counts["valid"].sum())), per_cat,
                            int(counts["invalid"].sum()), invalid_cat)
+
+
+def add_counts(total: Any, part: Any) -> Any:
+    """Counts indexed by category (a Series or DataFrame) summed over chunks; `total` None = no chunk yet."""
+    return part if total is None else total.add(part, fill_value=0).astype(int)
 
 
 def grade_scores(judged: Any, grades: int) -> pd.DataFrame:

@@ -39,6 +39,15 @@ def table(optional: bool = False) -> Any:
     return field(default=None, metadata={"table": True}) if optional else field(metadata={"table": True})
 
 
+ORDER = ("prompt_id", "sample_index")  # the canonical row order of a stage's rows
+
+
+def canonical(df: pd.DataFrame, order: tuple[str, ...] = ORDER) -> pd.DataFrame:
+    """`df` stably sorted by the columns of `order` it has (unchanged if none)."""
+    keys = [c for c in order if c in df.columns]
+    return df.sort_values(keys, kind="stable").reset_index(drop=True) if keys else df
+
+
 @dataclass
 class StageRows:
     """The generate and judge stages' result: rows that the stage's Ray workers wrote straight into
@@ -55,9 +64,7 @@ class StageRows:
         the PNG bytes (unless `images`), which stay in storage (`pngs` fetches a few)."""
         if columns is None:
             columns = [n for n in store.table_schema(self.round, self.stage).names if images or n != "png"]
-        df = store.read_table(self.round, self.stage, columns=columns).to_pandas()
-        order = [c for c in ("prompt_id", "sample_index") if c in df.columns]
-        return df.sort_values(order, kind="stable").reset_index(drop=True) if order else df
+        return canonical(store.read_table(self.round, self.stage, columns=columns).to_pandas())
 
     def pngs(self, store: Any, rows: pd.DataFrame) -> list[bytes]:
         """The PNG bytes of `rows` (keyed by prompt_id, sample_index), read for those prompts only."""
@@ -93,10 +100,9 @@ class PoolRows:
 
 
 def pool_table_order(name: str, df: pd.DataFrame) -> pd.DataFrame:
-    """A pool table read from its part files, in the order the pool stage built it."""
-    order = {"cpr": ["kind", "prompt_id", "sample_index"], "pairs": ["prompt_id"]}.get(  # a prompt's pairs
-        name, [c for c in ("prompt_id", "sample_index") if c in df.columns])  # keep their order (one part)
-    return df.sort_values(order, kind="stable").reset_index(drop=True) if order else df
+    """A pool table read from its part files, in the order the pool stage built it (a prompt's pairs
+    keep their order: they are in one part)."""
+    return canonical(df, {"cpr": ("kind", "prompt_id", "sample_index"), "pairs": ("prompt_id",)}.get(name, ORDER))
 
 
 @dataclass

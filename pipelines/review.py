@@ -86,18 +86,15 @@ class ReviewDraw:
         self.n, self.counts, self.rng = n, counts, np.random.default_rng(seed)
         self.keep_all = int(counts.sum()) <= n
         self.kept: Optional[pd.DataFrame] = None
-        self.seen = 0
 
     def add(self, uncertain: pd.DataFrame) -> None:
         if uncertain.empty or self.n <= 0:
             return
         rows = uncertain.reset_index(drop=True).assign(review_weight=review_weights(uncertain, self.counts))
-        rows["_pos"] = np.arange(self.seen, self.seen + len(rows))
-        self.seen += len(rows)
         if not self.keep_all:  # log of u**(1/w): same order, no underflow for small w
             rows["_key"] = np.log(self.rng.random(len(rows))) / rows["review_weight"].to_numpy()
         both = rows if self.kept is None else pd.concat([self.kept, rows], ignore_index=True)
-        if not self.keep_all:
+        if not self.keep_all:  # the top n keys, kept in pool order (ties: the earlier row)
             both = both.iloc[np.sort(np.argsort(-both["_key"].to_numpy(), kind="stable")[:self.n])]
         self.kept = both.reset_index(drop=True)
 
@@ -105,7 +102,7 @@ class ReviewDraw:
         """The chosen rows in pool order (`empty`: the columns to return when there are none)."""
         if self.kept is None:
             return empty.iloc[0:0].assign(review_weight=pd.Series(dtype=float))
-        return self.kept.drop(columns=[c for c in ("_pos", "_key") if c in self.kept]).reset_index(drop=True)
+        return self.kept.drop(columns=[c for c in ("_key",) if c in self.kept]).reset_index(drop=True)
 
 
 def select_for_review(pooled: Any, n: int, seed: int) -> pd.DataFrame:

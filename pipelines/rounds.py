@@ -314,9 +314,8 @@ def judge(ctx: Ctx, samples: results.StageRows, k: int, adapter: Optional[str], 
                                 chunk=chunk)
     counts = None  # the Nonunified counts, a range of prompts at a time
     for light in chunk_frames(store, out.round, out.stage, ids, chunk, ["prompt_id", "category", "score", "valid"]):
-        part = P.nonunified_counts(light)
-        counts = part if counts is None else counts.add(part, fill_value=0).astype(int)
-    ns = P.nonunified_from_counts(counts if counts is not None else P.nonunified_counts([]))
+        counts = P.add_counts(counts, P.nonunified_counts(light))
+    ns = P.nonunified_from_counts(counts)
     return out, {"rows": out.rows, "fused": fused, "invalid": ns.invalid, "nonunified": ns.overall.rate,
                  "corrupt": j.corrupt}
 

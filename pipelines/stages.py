@@ -35,6 +35,7 @@ import pandas as pd
 import pyarrow as pa
 
 from pipelines.config import Config
+from pipelines.results import canonical
 from pipelines.schemas import check_batch, check_table
 
 STAGE_GENERATE, STAGE_JUDGE = "generate", "judge"
@@ -172,10 +173,6 @@ def _model_args(cfg: Config) -> dict:
     return {"path": cfg.model.path, "dtype": cfg.model.dtype, "device": cfg.model.device}
 
 
-def _canonical(df: pd.DataFrame) -> pd.DataFrame:
-    return df.sort_values(["prompt_id", "sample_index"], kind="stable").reset_index(drop=True)
-
-
 def _to_frame(ds) -> pd.DataFrame:
     """Materialise a (small) Ray Dataset on the driver with image tokens as int lists."""
     df = ds.to_pandas()
@@ -231,7 +228,7 @@ def generate_table(prompts: list[dict], cfg: Config, round_: int, adapter: Optio
     (`generate.num_images`, or `generate.num_images_by_category[category]`), in canonical order.
     judge=True: JudgedRows, the same actors judging their own samples (GenerateJudgeUDF; the rows
     `judge_table` would give). The driver's stages write the same Dataset to storage instead (`write_rows`)."""
-    df = _canonical(_to_frame(generate_dataset(prompts, cfg, round_, adapter, judge)))
+    df = canonical(_to_frame(generate_dataset(prompts, cfg, round_, adapter, judge)))
     check_table(df, "judged" if judge else "sample", STAGE_GENERATE)
     expected = expected_samples(prompts, cfg)
     if len(df) != expected:
@@ -245,7 +242,7 @@ def judge_table(samples: pd.DataFrame, cfg: Config, adapter: Optional[str] = Non
 
     check_table(samples, "sample", STAGE_JUDGE)
     ds = judge_dataset(ray.data.from_arrow(pa.Table.from_pandas(samples, preserve_index=False)), cfg, adapter)
-    df = _canonical(_to_frame(ds))
+    df = canonical(_to_frame(ds))
     check_table(df, "judged", STAGE_JUDGE)
     if len(df) != len(samples):
         raise RuntimeError(f"stage 'judge': {len(samples)} samples in, {len(df)} judged rows out")
