@@ -47,21 +47,13 @@ def run_variant(variant: str, steps: int, batch: int, warmup: int, model: str = 
     import torch
 
     from models.lora import LoraSpec, attach_lora
-    from models.tiny import TinySpec, build_tiny
+    from bench_generate import build  # benchmarks/ is on sys.path: this file runs as a script
     from trainers.data import PackedRows
     from trainers.train import PolicyLogprobs, TrainArgs, lr_factor, train_step
 
     torch.set_num_threads(1)
     baseline = _rss_mib()  # after imports: what every worker pays anyway
-    spec = TinySpec(vq_patch=4, hidden=192, layers=4, heads=6, kv_heads=6, intermediate=512,
-                    vision_hidden=64, vision_layers=2, codebook=256, vq_embed_dim=16)
-    if model == "shapes":
-        base = build_tiny(spec, seed=0)
-        base.model.to(device=device, dtype=getattr(torch, dtype))
-    else:  # a published shape with random weights (models.loading.random_janus_pro): GPU machines
-        from models.loading import random_janus_pro
-
-        base = random_janus_pro(model, device=device, dtype=dtype)
+    base = build(model, device, dtype)  # bench_generate's: the shapes-sized tiny Janus or a random published shape
     T, V = base.num_image_tokens, base.janus.config.vq_config.num_embeddings
     reference = copy.deepcopy(base) if variant == "dpo_resident" else None  # before LoRA is injected
     torch.manual_seed(0)
