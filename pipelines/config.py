@@ -190,7 +190,7 @@ class EvalSection(Section):
         0, "Training prompts set aside (never trained on; the same ones whatever run.seed) and evaluated each "
         "round like the held-out set: choose recipe settings on eval/val_*, never on held-out (0 = off).", ge=0)
     validation_images: int = _f(8, "Images per validation prompt.", ge=1)
-    num_shards: int = _f(2, "Parallel evaluation tasks, each on a share of the prompts (same rows).", ge=1)
+    num_shards: int = _f(2, "Parallel evaluation tasks (Ray Data), each on a share of the prompts (same rows).", ge=1)
 
 
 class AuditSection(Section):

@@ -2,7 +2,8 @@
 
 Where it fits: called through `pipelines.rounds` by the driver's round function. Same convention as
 there: each stage returns `(result, info)`. Training runs on Ray Train (`trainers.train`), the
-evaluation runs as a Ray task (so on a cluster it lands on a GPU node), the audit is a pure decision.
+evaluation runs as a Ray Data map and a Ray task (so on a cluster it lands on GPU nodes), the audit
+is a pure decision.
 
 Example:
     >>> result, info = train(ctx, 1, pooled, adapter=None)   # adapters/round_1, or skipped
@@ -18,6 +19,7 @@ import tempfile
 from typing import Any, Optional
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from pipelines import stages
@@ -132,19 +134,40 @@ def _load_eval_models(cfg: Config, adapter: Optional[str]):
     return model, make_external_judge(cfg.audit, dtype=cfg.model.dtype, device=cfg.model.device)
 
 
-def _evaluate_shard(cfg: Config, adapter: Optional[str], heldout: list[dict], validation: list[dict]):
-    """One shard of the evaluation: (held-out generation rows, validation rows) of its prompts."""
+GEN_COLUMNS = ["kind", "prompt_id", "prompt", "category", "sample_index", "seed", "png", "own_score", "own_valid",
+               "own_answer", "own_verdict", "judge_mode", "external_verdict", "label_source"]
+ORACLE_COLUMNS = ["second_verdict", "near_threshold", "cycle_ok", "caption_faithful", "cycle_failure"]
+VAL_COLUMNS = ["kind", "prompt_id", "prompt", "category", "sample_index", "seed", "external_verdict"]
+_PAD = {"png": b"", "own_score": float("nan"), "own_valid": False, "own_answer": "", "own_verdict": False,
+        "judge_mode": "", "label_source": "", "cycle_failure": ""}  # a validation row's held-out-only columns
+
+
+def evaluate_rows(batch: pd.DataFrame, cfg: Config, adapter: Optional[str]) -> pa.Table:
+    """One batch of the evaluation's map (a Ray Data task): the round's model and the external judge
+    map prompts (`eval_split`: heldout | validation) to their rows -- held-out generations with own
+    and external verdicts (+ second verdict and UniCycle in the shapes world), validation generations
+    with the external verdict -- in one table of fixed columns (validation rows padded)."""
     from pipelines.evaluate import generation_rows, validation_rows
     from pipelines.shapes_checks import second_verdict, unicycle
 
+    columns = GEN_COLUMNS + (ORACLE_COLUMNS if cfg.audit.backend == "oracle" else [])
     model, judge = _load_eval_models(cfg, adapter)
-    gen, images = generation_rows(model, judge, heldout, cfg.eval, cfg.judge.mode or model.default_judge_mode,
-                                  cfg.generate)  # eval samples as the run does
-    if cfg.audit.backend == "oracle":  # shapes world: a gain only the oracle sees is not a gain; UniCycle
-        gen, _ = second_verdict(gen, images)
-        gen = unicycle(gen, images, model)
-    val = validation_rows(model, judge, validation, cfg.eval, cfg.generate) if validation else None
-    return gen, val
+    heldout = batch[batch["eval_split"] == "heldout"].to_dict("records")
+    validation = batch[batch["eval_split"] == "validation"].to_dict("records")
+    parts = []
+    if heldout:  # eval samples as the run does
+        gen, images = generation_rows(model, judge, heldout, cfg.eval, cfg.judge.mode or model.default_judge_mode,
+                                      cfg.generate)
+        if cfg.audit.backend == "oracle":  # shapes world: a gain only the oracle sees is not a gain; UniCycle
+            gen, _ = second_verdict(gen, images)
+            gen = unicycle(gen, images, model)
+        parts.append(gen.assign(eval_split="heldout"))
+    if validation:
+        val = validation_rows(model, judge, validation, cfg.eval, cfg.generate)
+        parts.append(val.assign(**{c: _PAD.get(c, float("nan")) for c in columns if c not in val},
+                                eval_split="validation"))
+    frame = pd.concat(parts, ignore_index=True)[columns + ["eval_split"]]
+    return pa.Table.from_pandas(frame, preserve_index=False)  # Arrow blocks: plain dtypes back on the driver
 
 
 def _evaluate_task(cfg: Config, adapter: Optional[str], heldout: list[dict], base_pairs, generations):
@@ -161,25 +184,35 @@ def _evaluate_task(cfg: Config, adapter: Optional[str], heldout: list[dict], bas
 
 
 def evaluate_model(cfg: Config, adapter: Optional[str], heldout: list[dict], base_pairs=None, validation=()):
-    """(EvalResult, validation rows or None) of one model, as Ray tasks: the generations in
-    `eval.num_shards` parallel shards of the prompts (each row depends on its prompt alone, so the
-    rows are the same for any shard count), then the understanding pairs and metrics in one task."""
+    """(EvalResult, validation rows or None) of one model: the generations of the held-out prompts
+    and the validation slice as a Ray Data map (`evaluate_rows`, `eval.num_shards` batches in parallel
+    tasks, anywhere on the cluster; each row depends on its prompt alone, so the rows are the same for
+    any split), then the understanding pairs and all metrics in one Ray task. The rows are bounded by
+    the eval config (eval.num_prompts x num_images), not by the run's size, so they come back to the
+    driver. Tasks, not an actor pool: each batch loads the model once either way, and an actor pool
+    starts fresh worker processes every evaluation (measured +6 to +7 s a round on 2 CPUs, against
+    warm task workers)."""
     import ray
 
-    from pipelines.evaluate import select_prompts
+    from pipelines.evaluate import EvalResult, select_prompts, validation_metrics
 
     prompts = select_prompts(heldout, cfg.eval.num_prompts, cfg.eval.seed)
-    n = max(1, min(cfg.eval.num_shards, len(prompts)))
-    shard = stages.model_task(cfg, _evaluate_shard)
-    parts = ray.get([shard.remote(cfg, adapter, prompts[i::n], list(validation)[i::n]) for i in range(n)])
-    generations = pd.concat([g for g, _ in parts], ignore_index=True)
+    items = [{"prompt_id": str(r["prompt_id"]), "prompt": r["prompt"], "category": r.get("category") or "uncategorized",
+              "eval_split": split} for split, rows in (("heldout", prompts), ("validation", validation)) for r in rows]
+    n = max(1, min(cfg.eval.num_shards, len(items)))
+    g = cfg.generate
+    ds = ray.data.from_items(items).map_batches(
+        evaluate_rows, batch_size=-(-len(items) // n), batch_format="pandas",
+        fn_kwargs={"cfg": cfg, "adapter": adapter}, compute=ray.data.TaskPoolStrategy(size=n),
+        num_cpus=g.num_cpus_per_actor, num_gpus=g.num_gpus_per_actor or None)
+    rows = pa.concat_tables(ray.get(ds.to_arrow_refs())).to_pandas()
+    split = rows.pop("eval_split")
+    generations = rows[split == "heldout"].reset_index(drop=True)
     out = stages.run_model_task(cfg, _evaluate_task, cfg, adapter, prompts, base_pairs, generations)
-    vals = [v for _, v in parts if v is not None and len(v)]
-    if not vals:
+    if not (split == "validation").any():
         return out, None
-    from pipelines.evaluate import EvalResult, validation_metrics
-
-    val = pd.concat(vals).sort_values(["prompt_id", "sample_index"], kind="stable").reset_index(drop=True)
+    val = rows.loc[split == "validation", VAL_COLUMNS]
+    val = val.sort_values(["prompt_id", "sample_index"], kind="stable").reset_index(drop=True)
     return EvalResult({**out.metrics, **validation_metrics(val)}, out.samples), val
 
 
