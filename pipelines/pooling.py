@@ -8,8 +8,9 @@ discard-pool prompts and accepted prompt ids -- all per-prompt work -- and writt
 `pools.review_sample` review candidates, so it never holds more than one chunk of rows, and the tables
 equal what pooling all rows at once gives (chunks are contiguous in prompt order).
 
-Two opt-in steps need the whole round and read a whole table on the driver: `pools.category_cap`
-(the SFT set; a cap is a share of the total) and the CPR rows (`cpr.*`, sized by the training set).
+Two opt-in steps need the whole round: `pools.category_cap` (the SFT set; a cap is a share of the
+total) and the CPR rows (`cpr.*`, sized by the training set, drawn from all pooled rows). A Ray task
+(`whole_round`) reads those tables whole and writes the result; the driver gets counts back.
 """
 
 from __future__ import annotations
@@ -78,10 +79,12 @@ def pool_stage(store: Any, cfg: Config, k: int, judged: StageRows, prompts: list
         uncertain = P.add_counts(uncertain, pooled.loc[pooled["pool"] == "uncertain", "category"].value_counts())
         admitted += len(replayed & set(accepted))
     sizes = {name: w.close() for name, w in writers.items()}
-    if c.category_cap is not None:  # a share of the whole SFT set: read it whole, cap, write it back
-        sft = PoolRows(k).table(store, "sft").assign(pool="accepted")  # every SFT row is an accepted sample
-        sft = P.cap_categories(sft, c.category_cap)[P.SFT_COLUMNS]
-        sizes["sft"] = _rewrite(store, k, "sft", sft)
+    cpr_kinds: dict[str, int] = {}
+    if c.category_cap is not None or cfg.cpr.enabled():  # they need the whole round: a Ray task reads it
+        import ray
+
+        task = ray.remote(num_cpus=1, max_retries=0)(whole_round)  # no retry: it rewrites the table it reads
+        sizes["sft"], cpr_kinds = ray.get(task.remote(store, cfg, k, sizes["sft"], sizes["pairs"]))
     info = {"accepted": pools.get("accepted", 0), "rejected": pools.get("rejected", 0),
             "uncertain": pools.get("uncertain", 0), "discarded_prompts": sizes["discard"], "pairs": sizes["pairs"],
             "replayed": len(replayed), "admitted": admitted, "sft_rows": sizes["sft"]}
@@ -93,15 +96,31 @@ def pool_stage(store: Any, cfg: Config, k: int, judged: StageRows, prompts: list
                      images=lambda rows: judged.pngs(store, rows))
     counts = {"samples": sum(pools.values()), **{x: info[x] for x in ("accepted", "rejected", "uncertain", "pairs")},
               "sft": info["sft_rows"]}
-    if cfg.cpr.enabled():  # UniCorn's caption / judgement / reflection rows, sized by the image rows
-        from pipelines.cpr import cpr_rows
-
-        n = info["sft_rows"] if cfg.train.objective == "sft" else info["pairs"]
-        cpr = cpr_rows(PoolRows(k).table(store, "data"), n, cfg.cpr, derive_seed(cfg.run.seed, k, "cpr"))
-        counts["cpr"] = _rewrite(store, k, "cpr", cpr)
-        info.update({f"cpr_{kind}": int(n) for kind, n in cpr["kind"].value_counts().items()})
+    if cfg.cpr.enabled():
+        counts["cpr"] = sum(cpr_kinds.values())
+        info.update({f"cpr_{kind}": n for kind, n in cpr_kinds.items()})
     metrics = P.nonunified_from_counts(nonunified).to_metrics()
     return PoolRows(k, counts, metrics), info
+
+
+def whole_round(store: Any, cfg: Config, k: int, sft_rows: int, pairs: int) -> tuple[int, dict[str, int]]:
+    """The pool stage's two opt-in steps that need the whole round, where this runs (`pool_stage`: a
+    Ray task): `pools.category_cap` (a share of the whole SFT set: read it, cap it, write it back) and
+    UniCorn's caption / judgement / reflection rows (`cpr.*`, sized by the round's image rows and
+    drawn from all its pooled rows). Returns (SFT rows after the cap, CPR rows per kind)."""
+    c = cfg.pools
+    if c.category_cap is not None:
+        sft = PoolRows(k).table(store, "sft").assign(pool="accepted")  # every SFT row is an accepted sample
+        sft_rows = _rewrite(store, k, "sft", P.cap_categories(sft, c.category_cap)[P.SFT_COLUMNS])
+    kinds: dict[str, int] = {}
+    if cfg.cpr.enabled():
+        from pipelines.cpr import cpr_rows
+
+        n = sft_rows if cfg.train.objective == "sft" else pairs
+        cpr = cpr_rows(PoolRows(k).table(store, "data"), n, cfg.cpr, derive_seed(cfg.run.seed, k, "cpr"))
+        _rewrite(store, k, "cpr", cpr)
+        kinds = {str(kind): int(n) for kind, n in cpr["kind"].value_counts().items()}
+    return sft_rows, kinds
 
 
 def _rewrite(store: Any, k: int, name: str, df: pd.DataFrame) -> int:

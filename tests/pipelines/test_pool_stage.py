@@ -1,6 +1,7 @@
-"""The driver's pool stage (no Ray): human labels in the run dir override the judge; the judged rows'
-PNGs stay in storage except the few the review export fetches; pooled a range of prompts at a time, the
-driver never holds more than one chunk of rows and the tables equal pooling all rows at once."""
+"""The driver's pool stage (Ray only for category_cap's task): human labels in the run dir override the
+judge; the judged rows' PNGs stay in storage except the few the review export fetches; pooled a range of
+prompts at a time, the driver never holds more than one chunk of rows and the tables equal pooling all
+rows at once."""
 
 from types import SimpleNamespace
 
@@ -75,7 +76,9 @@ def many_rows(n_prompts=12, n=3, seed=0):
 
 @pytest.mark.parametrize("pools", [{}, {"sft_select": "best_of_n", "category_cap": 0.4}])
 def test_pooled_chunk_by_chunk_the_driver_holds_one_chunk_and_the_tables_match_one_pass(tmp_path, pools,
-                                                                                       counting_store):
+                                                                                       counting_store, request):
+    if pools:  # category_cap reads the whole SFT set in a Ray task (pipelines/pooling.py: whole_round)
+        request.getfixturevalue("ray_session")
     scores, rows = many_rows()
     prompts = [{"prompt_id": p, "replayed": i % 4 == 0} for i, (p, _) in enumerate(scores)]
     out = {}
@@ -93,8 +96,7 @@ def test_pooled_chunk_by_chunk_the_driver_holds_one_chunk_and_the_tables_match_o
         review = pd.read_parquet(tmp_path / f"s{size}" / "round_1" / "review" / "review.parquet")
         out[size] = (result, info, tables, review, most)
     (small, info, tables, review, most), (big, info_big, tables_big, review_big, _) = out[2], out[100]
-    if not pools:  # two prompts x three samples (and the review's 2 prompts' PNGs): never more on the driver
-        assert most <= 2 * 3 < len(rows)  # (category_cap reads the whole SFT set: pipelines/pooling.py)
+    assert most <= 2 * 3 < len(rows)  # two prompts x three samples (and the review's 2 prompts' PNGs) at most
     assert info == info_big and small.counts == big.counts and small.nonunified == big.nonunified
     assert info["uncertain"] > 2 and len(review) == 2 and info["pairs"] > 0 and info["discarded_prompts"] > 0
     for name, df in tables.items():
