@@ -3,7 +3,8 @@
 What it measures: --prompts synthetic prompts x 1 image of the tiny random model go through
 generate + self-judge (one fused actor pool, 2 actors) and the pool stage, in a fresh process per
 setting on a fresh local Ray (2 CPUs); each process reports the driver's peak RSS (ru_maxrss), the
-wall time and the rows that arrived. Settings, side by side in one run, for each prompt count:
+wall time and the rows that arrived. The prompts are held as the driver holds a run's prompts, an
+Arrow prompt table. Settings, side by side in one run, for each prompt count:
   stream    what the driver runs today: `pipelines.rounds.generate / judge / pool`. The actors write
             the rows (Parquet part files) into the run store; the driver reads the key columns
             (exactly-once check), the Nonunified counts and the pool stage's columns without the PNGs,
@@ -31,6 +32,7 @@ import tempfile
 CHILD = r"""
 import json, os, resource, sys, time
 from types import SimpleNamespace
+import pyarrow as pa
 import ray
 from pipelines import pools as P, rounds
 from pipelines.config import config_from_dict
@@ -45,8 +47,10 @@ cfg = config_from_dict({"model": {"path": "tiny", "device": "cpu"}, "prompts": {
                         "generate": {"num_images": 1, "batch_size": 250, "num_actors": 2},
                         "judge": {"mode": "prob", "batch_size": 250, "fused": True}})
 colours, shapes = ["red", "green", "blue", "yellow"], ["circle", "square", "triangle"]
-prompts = [{"prompt_id": f"p{i:06d}", "prompt": f"a {colours[i % 4]} {shapes[i % 3]} number {i}", "category": "single"}
-           for i in range(n)]
+def part(lo, hi):  # the prompts as the driver keeps them: a prompt table (pipelines.prompts.prompt_table)
+    return pa.table({"prompt_id": [f"p{i:06d}" for i in range(lo, hi)], "category": ["single"] * (hi - lo),
+                     "prompt": [f"a {colours[i % 4]} {shapes[i % 3]} number {i}" for i in range(lo, hi)]})
+prompts = pa.concat_tables([part(lo, min(lo + 10000, n)) for lo in range(0, max(n, 1), 10000)])
 store = RunStore(root, mode)
 store.init(cfg)
 t0 = time.perf_counter()

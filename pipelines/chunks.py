@@ -5,7 +5,7 @@ Where it fits: the generate and judge workers write their rows straight to the r
 Nonunified counts, the pool stage (`pipelines.pooling`) -- goes through `chunk_frames`, which reads
 the rows of at most `size` prompts at a time (a Parquet range filter on prompt_id over the stage's part
 files). So the driver holds at most `size` x samples-per-prompt rows of a stage, whatever the round's
-size (the prompt ids themselves, one per prompt, are the round's prompt list, which the driver has).
+size (the prompt ids themselves, one per prompt, are a column of the round's prompt table on the driver).
 `PartWriter` writes a table chunk by chunk as the part files of `<stage>/<name>/`.
 
 Chunks are contiguous ranges of the sorted prompt ids, each read back sorted by (prompt_id,
@@ -24,6 +24,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -32,12 +33,17 @@ from pipelines.results import ORDER, canonical
 CHUNK_PROMPTS = 2048  # prompts per chunk: x 8 samples, ~16k rows without PNGs on the driver at most
 
 
-def id_ranges(ids: Iterable[str], size: int) -> list[tuple[str, str]]:
-    """The sorted distinct ids cut into runs of `size`: (first, last) of each run."""
+def id_ranges(ids: Iterable[str] | pa.Array | pa.ChunkedArray, size: int) -> list[tuple[str, str]]:
+    """The sorted distinct ids (strings, or an Arrow column of a prompt table) cut into runs of
+    `size`: (first, last) of each run. Sorted in Arrow (UTF-8 byte order = Python's str order)."""
     if size < 1:
         raise ValueError(f"chunk size must be >= 1, got {size}")
-    ordered = sorted({str(i) for i in ids})
-    return [(ordered[i], ordered[min(i + size, len(ordered)) - 1]) for i in range(0, len(ordered), size)]
+    if not isinstance(ids, (pa.Array, pa.ChunkedArray)):
+        ids = pa.array([str(i) for i in ids], type=pa.string())
+    ordered = pc.unique(ids.cast(pa.string()))
+    ordered = ordered.take(pc.sort_indices(ordered))
+    n = len(ordered)
+    return [(ordered[i].as_py(), ordered[min(i + size, n) - 1].as_py()) for i in range(0, n, size)]
 
 
 def read_range(store: Any, round_: int, stage: str, lo: str, hi: str, columns: Optional[list[str]] = None,

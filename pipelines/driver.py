@@ -24,6 +24,7 @@ import sys
 
 from pipelines import improve, propose, rounds
 from pipelines.config import Config, load_config
+from pipelines.prompts import prompt_table
 from pipelines.results import RoundRecord
 from pipelines.rounds import Ctx
 from pipelines.store import RunStore
@@ -68,12 +69,12 @@ def run(cfg: Config) -> dict:
     train, validation = rounds.split_validation(train, cfg.eval.validation_prompts)
     store = RunStore.from_config(cfg)  # checks run.root is writable first
     rounds.write_prompt_report(store, prompt_report)
-    prompt_sets = (train, heldout, validation)
+    train = prompt_table(train)  # columnar: ~60 bytes a prompt on the driver rather than a row dict
     connect_ray(cfg)
     from pipelines.report import write_report
     from pipelines.tracking import Tracker
 
-    ctx = Ctx(cfg, store, Tracker(cfg, store), *prompt_sets)
+    ctx = Ctx(cfg, store, Tracker(cfg, store), train, heldout, validation)
     history = [improve.evaluate_base(ctx)]
     ctx.tracker.log_round(0, history[0].metrics)
     for k in range(1, cfg.run.rounds + 1):

@@ -19,11 +19,14 @@ import os
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from pipelines import pools as P
 from pipelines.chunks import CHUNK_PROMPTS, PartWriter, chunk_frames
 from pipelines.config import Config, derive_seed
+from pipelines.prompts import prompt_table
 from pipelines.results import PoolRows, StageRows
 
 TABLES = {"data": None, "sft": P.SFT_COLUMNS, "pairs": P.PAIR_COLUMNS,
@@ -40,22 +43,26 @@ def round_labels(store: Any, k: int) -> pd.DataFrame:
     return pd.DataFrame(columns=["prompt_id", "sample_index", "label"])
 
 
-def pool_stage(store: Any, cfg: Config, k: int, judged: StageRows, prompts: list[dict],
+def pool_stage(store: Any, cfg: Config, k: int, judged: StageRows, prompts: Any,
                size: int = CHUNK_PROMPTS) -> tuple[PoolRows, dict]:
-    """Pool round k's judged rows chunk by chunk (module doc); returns the handle and the stage info."""
+    """Pool round k's judged rows chunk by chunk (module doc); returns the handle and the stage info.
+    `prompts`: the round's `prompt_table` (or PromptRows)."""
     from pipelines.review import LabelError, ReviewDraw, apply_labels, write_review
 
-    ids = [str(p["prompt_id"]) for p in prompts]
+    prompts = prompt_table(prompts)
+    ids = prompts["prompt_id"].combine_chunks()
     labels = round_labels(store, k)
-    stray = sorted(set(labels["prompt_id"].astype(str)) - set(ids))
+    label_ids = labels["prompt_id"].astype(str)
+    known = pc.is_in(pa.array(label_ids.tolist(), type=pa.string()), value_set=ids).to_numpy(zero_copy_only=False)
+    stray = sorted(set(label_ids[~known]))
     if stray:
         raise LabelError(f"labels for samples not in this pool: {stray[:5]}{' ...' if len(stray) > 5 else ''}")
     columns = [c for c in store.table_schema(judged.round, judged.stage).names if c != "png"]
     pooled_columns = columns + ["pool", "label_source"]
     writers = {name: PartWriter(store, k, "pool", name, pd.DataFrame(columns=cols or pooled_columns))
                for name, cols in TABLES.items()}
-    replayed = {str(r["prompt_id"]) for r in prompts if r.get("replayed")}
-    label_ids = labels["prompt_id"].astype(str)
+    replayed = (set(prompts.filter(pc.fill_null(prompts["replayed"], False))["prompt_id"].to_pylist())
+                if "replayed" in prompts.column_names else set())  # the curriculum's replayed prompts
     pools: dict[str, int] = {}
     nonunified = uncertain = None
     admitted = 0

@@ -38,9 +38,12 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from typing import Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import pandas as pd
+import pyarrow.compute as pc
+
+from pipelines.prompts import prompt_id, prompt_table
 
 STATUSES = ("admitted", "unparsed", "empty", "no_prompt", "heldout", "validation", "duplicate", "over_target",
             "too_long")
@@ -167,7 +170,7 @@ def stored_reject_shares(store, k: int) -> dict[str, float]:
     return {key.split("/")[1]: v for key, v in metrics.items() if key.count("/") == 2 and key.endswith("/rate")}
 
 
-def round_quota(cfg, prompts: list[dict], store, k: int) -> dict[str, int]:
+def round_quota(cfg, prompts: Any, store, k: int) -> dict[str, int]:
     """Round k's wanted proposals per category: proposal_share of the round's prompts, split uniformly
     over the training prompts' categories or (proposal_target=nonunified) by round k-1's reject shares."""
     p = cfg.prompts
@@ -177,7 +180,7 @@ def round_quota(cfg, prompts: list[dict], store, k: int) -> dict[str, int]:
     weights = None
     if p.proposal_target == "nonunified" and k > 1 and store.is_done(k - 1, "pool"):
         weights = stored_reject_shares(store, k - 1)
-    return targets(n, sorted({r["category"] for r in prompts}), weights)
+    return targets(n, sorted(pc.unique(prompt_table(prompts)["category"]).to_pylist()), weights)
 
 
 # ------------------------------------------------------------------ the model part (a Ray task)
@@ -217,15 +220,24 @@ def propose(ctx, k: int, adapter: Optional[str]) -> tuple[pd.DataFrame, dict]:
     captions = run_model_task(cfg, _draw_task, cfg, adapter, seeds) if seeds else []
     rows, info = select(captions, seeds, quota, grammar, [r["prompt"] for r in ctx.heldout],
                         [r["prompt"] for r in ctx.validation], p.max_prompt_tokens, base)
-    known = {_norm(r["prompt"]): r for r in ctx.prompts}
-    from pipelines.prompts import prompt_id
-
+    known = training_ids(ctx.prompts, {_norm(r["prompt"]) for r in rows if r["status"] == "admitted"})
     for r in rows:  # a proposal that is a training prompt keeps its id (its history in the pools)
         hit = known.get(_norm(r["prompt"])) if r["status"] == "admitted" else None
-        r["prompt_id"] = hit["prompt_id"] if hit else (prompt_id(r["prompt"]) if r["prompt"] else "")
+        r["prompt_id"] = hit or (prompt_id(r["prompt"]) if r["prompt"] else "")
     info.update(quota={c: q for c, q in quota.items() if q}, target=p.proposal_target)
     cols = ["seed", "caption", "status", "prompt_id", "prompt", "category"]
     return pd.DataFrame(rows, columns=cols), info
+
+
+def training_ids(prompts: Any, wanted: set[str]) -> dict[str, str]:
+    """{normalised text: prompt_id} of the training prompts (a `prompt_table` or PromptRows) whose
+    text is `wanted` (the last one of a repeated text), read a batch of the table at a time."""
+    out: dict[str, str] = {}
+    for batch in prompt_table(prompts).to_batches(max_chunksize=4096):
+        for pid, text in zip(batch["prompt_id"].to_pylist(), batch["prompt"].to_pylist()):
+            if _norm(text) in wanted:
+                out[_norm(text)] = pid
+    return out
 
 
 def admitted(table: Optional[pd.DataFrame]) -> list[dict]:

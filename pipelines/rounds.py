@@ -12,7 +12,7 @@ Example (round k's prompts are `round_prompts(ctx, k)`: a rotating slice plus th
     >>> [r["prompt_id"] for r in rotating_slice(ps, 2, 3)]
     ['p4', 'p0']
     >>> rows = curriculum(rotating_slice(ps, 2, 3), open_discards([([ps[1]], []), ([ps[2]], ["p1"])]), None)
-    >>> [(r["prompt_id"], r["replayed"]) for r in rows]
+    >>> [(r["prompt_id"], r["replayed"]) for r in rows.to_pylist()]
     [('p4', False), ('p0', False), ('p2', True)]
 """
 
@@ -23,13 +23,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from pipelines import pools as P
 from pipelines import results, stages
 from pipelines.chunks import chunk_frames, table_rows
 from pipelines.config import Config, derive_seed
-from pipelines.prompts import load_prompts
+from pipelines.prompts import PROMPT_COLUMNS, load_prompts, prompt_table
 from pipelines.store import RunStore
 
 TABLES_KEY, RESULT_KEY = "tables", "result"
@@ -44,7 +47,7 @@ class Ctx:
     cfg: Config
     store: RunStore
     tracker: Any
-    prompts: list[dict]
+    prompts: Any  # the training prompts: a `prompts.prompt_table` (the driver's), or PromptRows
     heldout: list[dict]
     validation: list[dict] = field(default_factory=list)  # eval.validation_prompts, never trained on
     timings: dict[str, float] = field(default_factory=dict)
@@ -172,48 +175,62 @@ def read_prompt_sets(cfg: Config) -> tuple[list[dict], list[dict], dict]:
     return train_rows, heldout, report.as_dict()
 
 
-def round_prompts(ctx: Ctx, k: int, proposed: Sequence[dict] = ()) -> list[dict]:
-    """Round k's prompts: the model's own `proposed` prompts (the propose stage), then a rotating slice
-    of the training prompts up to prompts.per_round, plus (curriculum, Algorithm 2) earlier rounds'
-    discard-pool prompts not admitted since, replayed with the current model."""
-    cfg, prompts = ctx.cfg, ctx.prompts
+def round_prompts(ctx: Ctx, k: int, proposed: Sequence[dict] = ()) -> pa.Table:
+    """Round k's prompts (a `prompt_table` with `replayed`): the model's own `proposed` prompts (the
+    propose stage), then a rotating slice of the training prompts up to prompts.per_round, plus
+    (curriculum, Algorithm 2) earlier rounds' discard-pool prompts not admitted since, replayed with
+    the current model."""
+    cfg, prompts = ctx.cfg, prompt_table(ctx.prompts)
     n = cfg.prompts.per_round or len(prompts)
     chosen = (mixed_slice(prompts, cfg.prompts.category_mix, n, k) if cfg.prompts.category_mix
-              else rotating_slice(prompts, n, k))
+              else rotating_slice(prompts, n, k)).select(list(PROMPT_COLUMNS))
     if proposed:
-        have = {r["prompt_id"] for r in proposed}
-        chosen = list(proposed) + [r for r in chosen if r["prompt_id"] not in have][: max(0, n - len(proposed))]
+        own = prompt_table(proposed).select(list(PROMPT_COLUMNS))
+        rest = chosen.filter(pc.invert(pc.is_in(chosen["prompt_id"], value_set=own["prompt_id"].combine_chunks())))
+        chosen = pa.concat_tables([own, rest.slice(0, max(0, n - len(own)))])
     c = cfg.curriculum
     replay = c.enabled and k >= c.start_round
     return curriculum(chosen, open_discards(pool_history(ctx.store, k)) if replay else [], c.max_replay)
 
 
-def curriculum(chosen: list[dict], discarded: list[dict], max_replay: Optional[int]) -> list[dict]:
-    """The round's prompt rows: `chosen` (replayed=False), then the open `discarded` prompts not already
-    chosen, at most `max_replay` of them (replayed=True; None = all).
+def curriculum(chosen: Any, discarded: list[dict], max_replay: Optional[int]) -> pa.Table:
+    """The round's prompts as a `prompt_table`: `chosen` (replayed=False), then the open `discarded`
+    prompts not already chosen, at most `max_replay` of them (replayed=True; None = all).
 
     >>> rows = curriculum([{"prompt_id": "a", "prompt": "x", "category": "c"}],
     ...                   [{"prompt_id": "a", "prompt": "x", "category": "c"},
-    ...                    {"prompt_id": "b", "prompt": "y", "category": "c", "score": 0.1}], None)
+    ...                    {"prompt_id": "b", "prompt": "y", "category": "c", "score": 0.1}], None).to_pylist()
     >>> [(r["prompt_id"], r["replayed"]) for r in rows], sorted(rows[1])
     ([('a', False), ('b', True)], ['category', 'prompt', 'prompt_id', 'replayed'])
     """
-    rows = [{**r, "replayed": False} for r in chosen]
-    have = {r["prompt_id"] for r in rows}
-    replay = [r for r in discarded if r["prompt_id"] not in have][:max_replay]
-    return rows + [{"prompt_id": r["prompt_id"], "prompt": r["prompt"], "category": r["category"], "replayed": True}
-                   for r in replay]
+    chosen = prompt_table(chosen).select(list(PROMPT_COLUMNS))
+    extra = prompt_table(discarded).select(list(PROMPT_COLUMNS))
+    extra = extra.filter(pc.invert(pc.is_in(extra["prompt_id"], value_set=chosen["prompt_id"].combine_chunks())))
+    extra = extra.slice(0, max_replay) if max_replay is not None else extra
+    flag = lambda t, v: t.append_column("replayed", pa.array([v] * len(t), type=pa.bool_()))  # noqa: E731
+    return pa.concat_tables([flag(chosen, False), flag(extra, True)])
 
 
-def rotating_slice(prompts: list[dict], n: int, k: int) -> list[dict]:
-    """Round k's n prompts: the k-th consecutive slice, wrapping around (no repeats within a round)."""
-    start = ((k - 1) * n) % len(prompts)
-    return [prompts[(start + i) % len(prompts)] for i in range(min(n, len(prompts)))]
+def _rotation(size: int, n: int, k: int) -> np.ndarray:
+    """Positions of round k's n items of `size`: the k-th consecutive run, wrapping around."""
+    return (((k - 1) * n) % size + np.arange(min(n, size))) % size
 
 
-def mixed_slice(prompts: list[dict], mix: dict[str, float], n: int, k: int) -> list[dict]:
+def _take(prompts: Any, idx: np.ndarray) -> Any:
+    """The rows at `idx` of a `prompt_table` or a list of PromptRows (the same kind back)."""
+    return prompts.take(pa.array(idx, type=pa.int64())) if isinstance(prompts, pa.Table) else [prompts[i] for i in idx]
+
+
+def rotating_slice(prompts: Any, n: int, k: int) -> Any:
+    """Round k's n prompts: the k-th consecutive slice, wrapping around (no repeats within a round).
+    `prompts`: a list of PromptRows or a `prompt_table` (the same kind back)."""
+    return _take(prompts, _rotation(len(prompts), n, k))
+
+
+def mixed_slice(prompts: Any, mix: dict[str, float], n: int, k: int) -> Any:
     """Round k's n prompts composed by category shares (`prompts.category_mix`): each category's count
-    by largest remainder, each taken as a rotating slice of that category's own prompts.
+    by largest remainder, each taken as a rotating slice of that category's own prompts (a list of
+    PromptRows or a `prompt_table`, the same kind back).
 
     >>> ps = [{"prompt_id": f"{c}{i}", "category": c} for c in "ab" for i in range(4)]
     >>> ([p["prompt_id"] for p in mixed_slice(ps, {"a": 3, "b": 1}, 4, 1)],
@@ -226,12 +243,16 @@ def mixed_slice(prompts: list[dict], mix: dict[str, float], n: int, k: int) -> l
     counts = {c: int(x) for c, x in exact.items()}
     for c in sorted(exact, key=lambda c: counts[c] - exact[c])[: n - sum(counts.values())]:
         counts[c] += 1
-    out = []
+    if isinstance(prompts, pa.Table):
+        cats = prompts["category"].to_numpy(zero_copy_only=False)
+    else:
+        cats = np.array([p["category"] for p in prompts], dtype=object)
+    out = [np.zeros(0, dtype=np.int64)]
     for c, m in counts.items():
-        own = [p for p in prompts if p["category"] == c]
-        if own and m:
-            out += rotating_slice(own, m, k)
-    return out
+        own = np.flatnonzero(cats == c)
+        if len(own) and m:
+            out.append(own[_rotation(len(own), m, k)])
+    return _take(prompts, np.concatenate(out))
 
 
 def pool_history(store: RunStore, k: int) -> list[tuple[list[dict], list[str]]]:
@@ -277,25 +298,26 @@ def adapter_path(store: RunStore, k: int) -> Optional[str]:
 
 
 # ------------------------------------------------------------------ generate / judge / pool
-def generate(ctx: Ctx, prompts: list[dict], k: int, adapter: Optional[str]):
+def generate(ctx: Ctx, prompts: Any, k: int, adapter: Optional[str]):
     """SampleRows (with judge.fused already judged by the generating actors: JudgedRows), written by
-    the actors straight into the run store; the driver gets a `StageRows` handle."""
-    cfg = ctx.cfg
+    the actors straight into the run store; the driver gets a `StageRows` handle. `prompts`: the
+    round's `prompt_table` (or PromptRows)."""
+    cfg, prompts = ctx.cfg, prompt_table(prompts)
     fused = cfg.judge.fused
     schema = "judged" if fused else "sample"
     ds = stages.generate_dataset(prompts, cfg, round_=k, adapter=adapter, judge=fused,
                                  sink=stages.stage_sink(ctx.store, k, "generate", schema))  # actors write
     rows = stages.write_rows(ds, ctx.store, k, "generate", stages.expected_samples(prompts, cfg), schema,
-                             [p["prompt_id"] for p in prompts], written=True, chunk=cfg.pools.chunk_prompts)
+                             prompts["prompt_id"], written=True, chunk=cfg.pools.chunk_prompts)
     return rows, {"prompts": len(prompts), "rows": rows.rows, "adapter_round": adapter and os.path.basename(adapter),
                   "fused": fused}
 
 
-def judge(ctx: Ctx, samples: results.StageRows, k: int, adapter: Optional[str], prompts: Sequence[dict]):
+def judge(ctx: Ctx, samples: results.StageRows, k: int, adapter: Optional[str], prompts: Any):
     """The own judge's verdicts (a judge pool, or the generate stage's when fused), graded (judge.grades),
     control arms, Nonunified: workers read the samples and write the judged rows to the run store."""
     cfg, store = ctx.cfg, ctx.store
-    ids, chunk = [p["prompt_id"] for p in prompts], cfg.pools.chunk_prompts
+    ids, chunk = prompt_table(prompts)["prompt_id"], cfg.pools.chunk_prompts
     fused = "score" in store.table_schema(samples.round, samples.stage).names  # judged in the generate stage
     j = cfg.judge
     if fused and not j.grades and j.corrupt == "none":
@@ -320,7 +342,7 @@ def judge(ctx: Ctx, samples: results.StageRows, k: int, adapter: Optional[str], 
                  "corrupt": j.corrupt}
 
 
-def pool(ctx: Ctx, k: int, judged: results.StageRows, prompts: list[dict]) -> tuple[results.PoolRows, dict]:
+def pool(ctx: Ctx, k: int, judged: results.StageRows, prompts: Any) -> tuple[results.PoolRows, dict]:
     """Pools, human labels (if `labels/round_<k>.csv|parquet` exists), training sets, review export:
     `pipelines.pooling`, a range of prompts at a time (the judged rows' PNGs stay in storage)."""
     from pipelines.pooling import pool_stage

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
@@ -180,20 +180,43 @@ def _to_frame(ds) -> pd.DataFrame:
     return df
 
 
-def expected_samples(prompts: list[dict], cfg: Config) -> int:
-    """How many samples the generate stage draws for `prompts` (generate.num_images[_by_category])."""
+def expected_samples(prompts: Any, cfg: Config) -> int:
+    """How many samples the generate stage draws for `prompts` (PromptRows or a `prompt_table`):
+    generate.num_images, or generate.num_images_by_category[category]."""
+    import pyarrow.compute as pc
+
+    from pipelines.prompts import prompt_table
+
     g = cfg.generate
-    return sum(g.num_images_by_category.get(p["category"], g.num_images) for p in prompts)
+    counts = pc.value_counts(prompt_table(prompts)["category"]).to_pylist()
+    return sum(g.num_images_by_category.get(c["values"], g.num_images) * c["counts"] for c in counts)
 
 
-def generate_dataset(prompts: list[dict], cfg: Config, round_: int, adapter: Optional[str] = None,
-                     judge: bool = False, sink: Optional[dict] = None):
-    """The lazy Ray Dataset of SampleRows (JudgedRows with judge=True) for `prompts`: nothing runs
-    until it is consumed (`generate_table`). With a `sink` (`stage_sink`) the actors write their rows
-    into the run store themselves and the Dataset yields only row counts (`write_rows(..., written=True)`)."""
+def prompt_dataset(prompts: Any):
+    """A Ray Dataset of the prompts (PromptRows or a `prompt_table`), built from the Arrow table in
+    as many blocks as Ray Data reads into by default (DataContext.read_op_min_num_blocks), so the
+    actors share the work; no Python object per prompt on the driver."""
     import ray
 
-    check_table(prompts, "prompt", STAGE_GENERATE)
+    from pipelines.prompts import prompt_table
+
+    table = prompt_table(prompts)
+    size = max(1, -(-table.num_rows // ray.data.DataContext.get_current().read_op_min_num_blocks))
+    return ray.data.from_arrow([table.slice(i, size) for i in range(0, max(table.num_rows, 1), size)])
+
+
+def generate_dataset(prompts: Any, cfg: Config, round_: int, adapter: Optional[str] = None,
+                     judge: bool = False, sink: Optional[dict] = None):
+    """The lazy Ray Dataset of SampleRows (JudgedRows with judge=True) for `prompts` (PromptRows or a
+    `prompt_table`): nothing runs until it is consumed (`generate_table`). With a `sink` (`stage_sink`)
+    the actors write their rows into the run store themselves and the Dataset yields only row counts
+    (`write_rows(..., written=True)`)."""
+    import ray
+
+    from pipelines.prompts import prompt_table
+
+    check_table(prompts, "prompt", STAGE_GENERATE)  # as given: a row without a category is a missing column
+    prompts = prompt_table(prompts)
     g = cfg.generate
     gen = {"num_images": g.num_images, "cfg_weight": g.cfg_weight, "temperature": g.temperature, "top_k": g.top_k,
            "num_images_by_category": dict(g.num_images_by_category)}
@@ -201,7 +224,7 @@ def generate_dataset(prompts: list[dict], cfg: Config, round_: int, adapter: Opt
               "adapter": adapter, "sink": sink}
     if judge:
         kwargs.update(mode=cfg.judge.mode, judge_batch_size=cfg.judge.batch_size)
-    return ray.data.from_items(list(prompts)).map_batches(
+    return prompt_dataset(prompts).map_batches(
         GenerateJudgeUDF if judge else GenerateUDF, batch_size=g.batch_size, batch_format="numpy",
         fn_constructor_kwargs=kwargs, compute=ray.data.ActorPoolStrategy(size=g.num_actors),
         num_cpus=g.num_cpus_per_actor, num_gpus=g.num_gpus_per_actor or None,
@@ -222,7 +245,7 @@ def judge_dataset(samples, cfg: Config, adapter: Optional[str] = None, sink: Opt
     )
 
 
-def generate_table(prompts: list[dict], cfg: Config, round_: int, adapter: Optional[str] = None,
+def generate_table(prompts: Any, cfg: Config, round_: int, adapter: Optional[str] = None,
                    judge: bool = False) -> pd.DataFrame:
     """SampleRows for `prompts` (PromptRows), collected on the driver: N per prompt
     (`generate.num_images`, or `generate.num_images_by_category[category]`), in canonical order.
@@ -305,7 +328,7 @@ def write_part(rows: Any, sink: dict) -> dict[str, np.ndarray]:
     return {"rows": np.array([table.num_rows], dtype=np.int64)}
 
 
-def write_rows(ds, store, round_: int, stage: str, expected: int, schema: str, ids: Sequence[str],
+def write_rows(ds, store, round_: int, stage: str, expected: int, schema: str, ids: Any,
                written: bool = False, chunk: Optional[int] = None):
     """Run `ds` so that its rows land in `<stage>/data/` of the run store from the workers (Parquet
     part files; the driver never holds the rows): `written=True` when its UDFs write them themselves

@@ -14,11 +14,12 @@ PROMPTS = [{"prompt_id": f"p{i}", "prompt": f"prompt {i}", "category": "c" if i 
 def test_replay_adds_open_discards_after_the_slice_once_and_capped():
     chosen = rotating_slice(PROMPTS, 3, 1)  # p0 p1 p2
     discarded = [PROMPTS[2], PROMPTS[7], PROMPTS[8], PROMPTS[9]]
-    rows = curriculum(chosen, discarded, max_replay=2)
+    rows = curriculum(chosen, discarded, max_replay=2).to_pylist()
     assert [r["prompt_id"] for r in rows] == ["p0", "p1", "p2", "p7", "p8"]  # p2 is in the slice already
     assert [r["replayed"] for r in rows] == [False] * 3 + [True] * 2
     assert len(curriculum(chosen, discarded, None)) == 6
-    assert curriculum(chosen, [], None) == [{**r, "replayed": False} for r in chosen]
+    assert curriculum(chosen, [], None).to_pylist() == [{**r, "replayed": False} for r in chosen]
+    assert curriculum(chosen, discarded, 0).num_rows == 3
 
 
 def test_a_prompt_leaves_the_discard_pool_when_accepted_and_comes_back_when_discarded_again():

@@ -171,6 +171,7 @@ def test_real_shapes_world():
 def test_rounds_take_rotating_slices_of_a_seeded_shuffle(tmp_path):
     from types import SimpleNamespace
 
+    from pipelines.prompts import prompt_table
     from pipelines.rounds import load_prompt_sets, round_prompts
     from pipelines.store import RunStore
 
@@ -178,7 +179,10 @@ def test_rounds_take_rotating_slices_of_a_seeded_shuffle(tmp_path):
         cfg = load_config(None, [f"run.root={tmp_path}", f"run.name={name}", "prompts.per_round=50", *overrides])
         train, heldout = load_prompt_sets(cfg, RunStore.from_config(cfg))
         ctx = SimpleNamespace(cfg=cfg, prompts=train, store=None)
-        return train, heldout, [[r["prompt_id"] for r in round_prompts(ctx, k)] for k in (1, 2, 3)]
+        slices = [round_prompts(ctx, k)["prompt_id"].to_pylist() for k in (1, 2, 3)]
+        as_table = SimpleNamespace(cfg=cfg, prompts=prompt_table(train), store=None)  # what the driver keeps
+        assert [round_prompts(as_table, k)["prompt_id"].to_pylist() for k in (1, 2, 3)] == slices
+        return train, heldout, slices
 
     plain, heldout, _ = rounds("prompts.shuffle=false", name="plain")
     a, heldout_a, slices = rounds("run.seed=1", name="a")
@@ -235,6 +239,7 @@ def test_contradiction_log_rows_follow_the_same_rule(tmp_path):
 
 
 def test_a_category_mix_composes_each_round_and_names_unknown_categories(tmp_path):
+    from pipelines.prompts import prompt_table
     from pipelines.rounds import mixed_slice, read_prompt_sets
 
     prompts = [{"prompt_id": f"{c}{i}", "category": c} for c, m in (("spatial", 10), ("counting", 4), ("single", 6))
@@ -245,6 +250,9 @@ def test_a_category_mix_composes_each_round_and_names_unknown_categories(tmp_pat
         assert (cats.count("spatial"), cats.count("counting"), cats.count("single")) == (4, 2, 2)
         assert len({p["prompt_id"] for p in chosen}) == 8
     assert [p["prompt_id"] for p in rounds[2] if p["category"] == "counting"] == ["counting0", "counting1"]  # wraps
+    table = prompt_table(prompts)  # the driver's form of the prompts: the same slices
+    assert [mixed_slice(table, {"spatial": 0.5, "counting": 0.25, "single": 0.25}, 8, k).to_pylist()
+            for k in (1, 2, 3)] == [prompt_table(r).to_pylist() for r in rounds]
     cfg = load_config(None, [f"run.root={tmp_path}", "prompts.category_mix={spatial: 1, nosuch: 1}"])
     with pytest.raises(ValueError, match=r"prompts.category_mix names categories no training prompt has: \['nosuch'\]"):
         read_prompt_sets(cfg)
