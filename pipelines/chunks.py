@@ -6,6 +6,8 @@ Nonunified counts, the pool stage (`pipelines.pooling`) -- goes through `chunk_f
 the rows of at most `size` prompts at a time (a Parquet range filter on prompt_id over the stage's part
 files). So the driver holds at most `size` x samples-per-prompt rows of a stage, whatever the round's
 size (the prompt ids themselves, one per prompt, are a column of the round's prompt table on the driver).
+A pass reads the table's Parquet footers once (`part_ranges`: each part file's prompt_id range), so
+a chunk opens only the files that can hold its prompts (the workers write contiguous prompts per file).
 `PartWriter` writes a table chunk by chunk as the part files of `<stage>/<name>/`.
 
 Chunks are contiguous ranges of the sorted prompt ids, each read back sorted by (prompt_id,
@@ -46,19 +48,53 @@ def id_ranges(ids: Iterable[str] | pa.Array | pa.ChunkedArray, size: int) -> lis
     return [(ordered[i].as_py(), ordered[min(i + size, n) - 1].as_py()) for i in range(0, n, size)]
 
 
+Part = tuple[str, Optional[str], Optional[str]]  # (file, lowest prompt_id, highest prompt_id)
+
+
+def part_ranges(store: Any, round_: int, stage: str, name: str = "data") -> list[Part]:
+    """(file, lowest prompt_id, highest prompt_id) of each non-empty part file of a table, from the
+    Parquet footers' statistics ((file, None, None) when a file has none: always read). Read once per
+    pass over a table, so a chunk reads only the files that can hold its prompts: the workers write
+    a batch of contiguous prompts per file, so a chunk touches a few of the table's files, not all."""
+    out = []
+    for frag in pq.ParquetDataset(store.table_path(round_, stage, name), filesystem=store.fs).fragments:
+        md = frag.metadata
+        if not md.num_rows:
+            continue
+        lo = hi = None
+        for g in range(md.num_row_groups):
+            rg = md.row_group(g)
+            cols = [rg.column(c) for c in range(rg.num_columns)]
+            st = next((c.statistics for c in cols if c.path_in_schema == "prompt_id"), None)
+            if st is None or not st.has_min_max:
+                lo = hi = None
+                break
+            lo, hi = (st.min, st.max) if lo is None else (min(lo, st.min), max(hi, st.max))
+        out.append((frag.path, lo, hi))
+    return out
+
+
 def read_range(store: Any, round_: int, stage: str, lo: str, hi: str, columns: Optional[list[str]] = None,
-               name: str = "data", filters: Optional[list] = None) -> pd.DataFrame:
-    """The rows of table `name` whose prompt_id is in [lo, hi] (plus `filters`), sorted canonically."""
+               name: str = "data", filters: Optional[list] = None,
+               parts: Optional[list[Part]] = None) -> pd.DataFrame:
+    """The rows of table `name` whose prompt_id is in [lo, hi] (plus `filters`), sorted canonically;
+    with `parts` (`part_ranges`) only the files whose prompt range meets [lo, hi] are opened."""
     where = [("prompt_id", ">=", lo), ("prompt_id", "<=", hi)] + list(filters or [])
-    return canonical(store.read_table(round_, stage, name, columns=columns, filters=where).to_pandas())
+    files = None if parts is None else [f for f, a, b in parts if a is None or (a <= hi and b >= lo)]
+    if files == []:  # no file holds these prompts
+        empty = store.table_schema(round_, stage, name).empty_table()
+        return canonical((empty.select(columns) if columns else empty).to_pandas())
+    return canonical(store.read_table(round_, stage, name, columns=columns, filters=where, files=files).to_pandas())
 
 
 def chunk_frames(store: Any, round_: int, stage: str, ids: Iterable[str], size: int = CHUNK_PROMPTS,
                  columns: Optional[list[str]] = None, name: str = "data",
                  filters: Optional[list] = None) -> Iterator[pd.DataFrame]:
     """Table `name` of a stage, `size` prompts at a time, in canonical order (see the module doc)."""
-    for lo, hi in id_ranges(ids, size):
-        yield read_range(store, round_, stage, lo, hi, columns, name, filters)
+    ranges = id_ranges(ids, size)
+    parts = part_ranges(store, round_, stage, name) if ranges else None
+    for lo, hi in ranges:
+        yield read_range(store, round_, stage, lo, hi, columns, name, filters, parts)
 
 
 def table_rows(store: Any, round_: int, stage: str, name: str = "data") -> int:

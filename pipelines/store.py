@@ -41,7 +41,7 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -234,11 +234,12 @@ class RunStore:
         raise RunStoreError(f"no table {name!r} for round {round_} stage {stage!r} in {self.uri}")
 
     def read_table(self, round_: int, stage: str, name: str = "data", columns: Optional[list[str]] = None,
-                   filters: Any = None) -> pa.Table:
+                   filters: Any = None, files: Optional[Sequence[str]] = None) -> pa.Table:
         """Read a stage's table (`table_path`), optionally only some columns / rows (pyarrow
-        `filters`, e.g. [("prompt_id", "in", ids)]): a projection never reads the other columns."""
-        return pq.read_table(self.table_path(round_, stage, name), filesystem=self.fs, columns=columns,
-                             filters=filters)  # ignores ".tmp-*" files
+        `filters`, e.g. [("prompt_id", "in", ids)]): a projection never reads the other columns.
+        `files`: only these (non-empty list of) part files of the table, e.g. `chunks.part_ranges`'."""
+        source = list(files) if files is not None else self.table_path(round_, stage, name)
+        return pq.read_table(source, filesystem=self.fs, columns=columns, filters=filters)  # ignores ".tmp-*" files
 
     def table_schema(self, round_: int, stage: str, name: str = "data") -> pa.Schema:
         """The table's schema, from the Parquet footers alone."""
