@@ -24,7 +24,6 @@ import sys
 
 from pipelines import improve, propose, rounds
 from pipelines.config import Config, load_config
-from pipelines.prompts import prompt_table
 from pipelines.results import RoundRecord
 from pipelines.rounds import Ctx
 from pipelines.store import RunStore
@@ -65,11 +64,10 @@ def run(cfg: Config) -> dict:
     """All rounds of `cfg` (round 0 = base evaluation); returns the final manifest."""
     # Everything is checked before anything is written: a bad prompt file or an unwritable run.root
     # leaves no run dir behind (whose config hash would block the corrected command).
-    train, heldout, prompt_report = rounds.read_prompt_sets(cfg)
+    train, heldout, prompt_report = rounds.read_prompt_sets(cfg, as_table=True)  # ~50 bytes a prompt
     train, validation = rounds.split_validation(train, cfg.eval.validation_prompts)
     store = RunStore.from_config(cfg)  # checks run.root is writable first
     rounds.write_prompt_report(store, prompt_report)
-    train = prompt_table(train)  # columnar: ~60 bytes a prompt on the driver rather than a row dict
     connect_ray(cfg)
     from pipelines.report import write_report
     from pipelines.tracking import Tracker

@@ -157,11 +157,16 @@ def validation_metrics(rows: pd.DataFrame) -> dict[str, float]:
 def select_prompts(prompts: Sequence[dict], num_prompts: int, seed: int) -> list[dict]:
     """At most `num_prompts` prompts, the same subset every round and whatever the input order."""
     rows = sorted(prompts, key=lambda r: str(r["prompt_id"]))
-    if num_prompts >= len(rows):
-        return rows
-    key = lambda r: stable_bits(f"{seed}/{r['prompt_id']}", 32, "big")  # noqa: E731 (the full digest's order)
-    keep = {r["prompt_id"] for r in sorted(rows, key=key)[:num_prompts]}
+    keep = select_ids([r["prompt_id"] for r in rows], num_prompts, seed)
     return [r for r in rows if r["prompt_id"] in keep]
+
+
+def select_ids(ids: Sequence[str], num_prompts: int, seed: int) -> set[str]:
+    """The ids `select_prompts` keeps: the first `num_prompts` by a seeded digest of the id."""
+    if num_prompts >= len(ids):
+        return set(ids)
+    key = lambda i: stable_bits(f"{seed}/{i}", 32, "big")  # noqa: E731 (the full digest's order)
+    return set(sorted(sorted(ids, key=str), key=key)[:num_prompts])
 
 
 def generate_samples(model, prompts: list[dict], eval_cfg, generate_cfg=None) -> tuple[pd.DataFrame, list]:

@@ -119,18 +119,24 @@ def load_prompt_sets(cfg: Config, store: RunStore) -> tuple[list[dict], list[dic
     return train_rows, heldout
 
 
-def split_validation(train_rows: list[dict], n: int) -> tuple[list[dict], list[dict]]:
+def split_validation(train_rows: Any, n: int) -> tuple[Any, list[dict]]:
     """(training prompts, validation slice): `n` prompts chosen by `evaluate.select_prompts` with a
     fixed seed leave the training set (the same slice whatever run.seed or file order, so recipe
-    comparisons share it)."""
-    from pipelines.evaluate import select_prompts
+    comparisons share it). `train_rows`: PromptRows or a `prompt_table` (the same kind back; the
+    slice is PromptRows in id order)."""
+    from pipelines.evaluate import select_ids
 
     if not n:
         return train_rows, []
     if n >= len(train_rows):
         raise ValueError(f"eval.validation_prompts={n} leaves no training prompts (there are {len(train_rows)})")
-    val = select_prompts(train_rows, n, seed=VALIDATION_SEED)
-    val_ids = {r["prompt_id"] for r in val}
+    if isinstance(train_rows, pa.Table):
+        val_ids = select_ids(train_rows["prompt_id"].to_pylist(), n, seed=VALIDATION_SEED)
+        mask = pc.is_in(train_rows["prompt_id"], value_set=pa.array(sorted(val_ids), type=pa.string()))
+        val = sorted(train_rows.filter(mask).to_pylist(), key=lambda r: str(r["prompt_id"]))
+        return train_rows.filter(pc.invert(mask)), val
+    val_ids = select_ids([r["prompt_id"] for r in train_rows], n, seed=VALIDATION_SEED)
+    val = sorted((r for r in train_rows if r["prompt_id"] in val_ids), key=lambda r: str(r["prompt_id"]))
     return [r for r in train_rows if r["prompt_id"] not in val_ids], val
 
 
@@ -140,19 +146,20 @@ def write_prompt_report(store: RunStore, report: dict) -> None:
     store.write_bytes("prompts_report.json", json.dumps(report, indent=1).encode())
 
 
-def read_prompt_sets(cfg: Config) -> tuple[list[dict], list[dict], dict]:
+def read_prompt_sets(cfg: Config, as_table: bool = False) -> tuple[Any, list[dict], dict]:
     """(training prompts, held-out prompts, the report of skipped rows), writing nothing: the driver
-    checks the prompts before it creates the run dir, so a bad prompt file blocks nothing."""
+    checks the prompts before it creates the run dir, so a bad prompt file blocks nothing. The
+    training prompts as PromptRows, or with `as_table` a `prompt_table` (the driver's form)."""
     p = cfg.prompts
     train_rows, report = load_prompts(p.source, split=p.split, limit=p.limit, max_tokens=p.max_prompt_tokens,
-                                      extra_sources=p.extra_sources)
+                                      extra_sources=p.extra_sources, as_table=as_table)
     heldout, _ = load_prompts(p.source, split="heldout", limit=cfg.eval.num_prompts)
-    if not train_rows:
+    if not len(train_rows):
         raise ValueError(f"prompts.source={p.source!r} gave no usable training prompts ({report.as_dict()})")
     if not heldout:
         raise ValueError(f"prompts.source={p.source!r} has no held-out prompts (a `split` column with "
                          "'heldout' rows) to evaluate on")
-    have = {r["category"] for r in train_rows}
+    have = set(pc.unique(prompt_table(train_rows)["category"]).to_pylist())
     for key, named in (("prompts.category_mix", p.category_mix), ("generate.num_images_by_category",
                                                                    cfg.generate.num_images_by_category)):
         missing = sorted(set(named) - have)
@@ -171,7 +178,9 @@ def read_prompt_sets(cfg: Config) -> tuple[list[dict], list[dict], dict]:
     if p.shuffle:  # sources are often sorted (the shapes world is grouped by category): mix the rounds
         import random
 
-        random.Random(cfg.run.seed).shuffle(train_rows)
+        order = list(range(len(train_rows)))  # shuffling positions = shuffling the rows (same swaps)
+        random.Random(cfg.run.seed).shuffle(order)
+        train_rows = _take(train_rows, np.asarray(order, dtype=np.int64))
     return train_rows, heldout, report.as_dict()
 
 

@@ -172,12 +172,14 @@ def test_rounds_take_rotating_slices_of_a_seeded_shuffle(tmp_path):
     from types import SimpleNamespace
 
     from pipelines.prompts import prompt_table
-    from pipelines.rounds import load_prompt_sets, round_prompts
+    from pipelines.rounds import load_prompt_sets, read_prompt_sets, round_prompts
     from pipelines.store import RunStore
 
     def rounds(*overrides, name):
         cfg = load_config(None, [f"run.root={tmp_path}", f"run.name={name}", "prompts.per_round=50", *overrides])
         train, heldout = load_prompt_sets(cfg, RunStore.from_config(cfg))
+        table, heldout_t, _ = read_prompt_sets(cfg, as_table=True)  # the driver's form: same rows, same order
+        assert table.to_pylist() == train and heldout_t == heldout
         ctx = SimpleNamespace(cfg=cfg, prompts=train, store=None)
         slices = [round_prompts(ctx, k)["prompt_id"].to_pylist() for k in (1, 2, 3)]
         as_table = SimpleNamespace(cfg=cfg, prompts=prompt_table(train), store=None)  # what the driver keeps
@@ -263,7 +265,9 @@ def test_the_validation_slice_is_the_same_whatever_the_order_and_never_trained_o
 
     from pipelines.rounds import split_validation
 
-    prompts = [{"prompt_id": f"p{i}", "category": "c"} for i in range(50)]
+    from pipelines.prompts import prompt_table
+
+    prompts = [{"prompt_id": f"p{i}", "prompt": f"prompt {i}", "category": "c"} for i in range(50)]
     train, val = split_validation(prompts, 5)
     shuffled = prompts[:]
     random.Random(3).shuffle(shuffled)
@@ -271,6 +275,8 @@ def test_the_validation_slice_is_the_same_whatever_the_order_and_never_trained_o
     assert val == val2 and len(val) == 5 and len(train) == 45
     assert not {r["prompt_id"] for r in train} & {r["prompt_id"] for r in val}
     assert [r["prompt_id"] for r in train2] == [r["prompt_id"] for r in shuffled if r not in val]  # order kept
+    as_table, val3 = split_validation(prompt_table(shuffled), 5)  # the driver's form: the same split
+    assert val3 == val2 and as_table.to_pylist() == train2
     assert split_validation(prompts, 0) == (prompts, [])
     with pytest.raises(ValueError, match="eval.validation_prompts=50 leaves no training prompts"):
         split_validation(prompts, 50)
