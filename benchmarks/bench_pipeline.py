@@ -17,7 +17,11 @@ Both settings check that every row arrives exactly once. The tiny model's PNGs a
 (32 px) and its tokens 16 per image, so the collect/stream ratio here is a floor: at Janus-Pro's
 384 px PNGs (~100-200 kB) the collected table is ~1000x larger per row, the streamed one is not.
 
-Run: OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/bench_pipeline.py [--prompts 5000 50000]
+With --nodes 2 the same runs go to a local two-node cluster (a head and a worker node, 1 CPU each,
+`tests/cluster/localcluster.py`); the driver joins it, the actors spread over both nodes, and the
+table says on how many nodes the rows were generated.
+
+Run: OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/bench_pipeline.py [--prompts 5000 50000] [--nodes 2]
 """
 
 from __future__ import annotations
@@ -38,9 +42,12 @@ from pipelines import pools as P, rounds
 from pipelines.config import config_from_dict
 from pipelines.stages import generate_table
 from pipelines.store import RunStore
-mode, n, root = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-ray.init(num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=False, log_to_driver=False,
-         runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+mode, n, root, address = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+if address:  # a running cluster (--nodes 2): its nodes were started with OMP_NUM_THREADS=1
+    ray.init(address=address, log_to_driver=False)
+else:
+    ray.init(num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
 ray.data.DataContext.get_current().enable_progress_bars = False
 cfg = config_from_dict({"model": {"path": "tiny", "device": "cpu"}, "prompts": {"source": "prompts.jsonl"},
                         "audit": {"backend": "vlm", "vlm_path": "unused"}, "pools": {"review_sample": 0},
@@ -71,14 +78,17 @@ elif mode == "collect":
     pairs = P.dpo_pairs(pooled, cfg.pairs.strategy, cfg.pairs.margin, cfg.pairs.max_pairs_per_prompt, seed=0)
     discard = P.discard_pool(pooled)  # the same pool work as the stream setting's pool stage, on one frame
     rows = len(pooled)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+nodes = store.read_table(1, "generate", columns=["node_id"]).column("node_id").unique().to_pylist() if n else []
 print(json.dumps({"mode": mode, "prompts": n, "rows": rows, "seconds": round(time.perf_counter() - t0, 1),
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_rss_mib": peak, "nodes": len(nodes)}))
 """
 
 
-def run(mode: str, n: int, root: str) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
-    out = subprocess.run([sys.executable, "-c", CHILD, mode, str(n), root], env=env, capture_output=True, text=True)
+def run(mode: str, n: int, root: str, cluster=None) -> dict:
+    env = {**(cluster.env if cluster else os.environ), "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}
+    out = subprocess.run([sys.executable, "-c", CHILD, mode, str(n), root, cluster.gcs if cluster else ""], env=env,
+                         capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"{mode} {n} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -87,20 +97,34 @@ def run(mode: str, n: int, root: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, nargs="+", default=[5000, 50000])
+    ap.add_argument("--nodes", type=int, choices=[1, 2], default=1,
+                    help="2: a local two-node cluster (head and worker, 1 CPU each; tests/cluster/localcluster.py)")
     args = ap.parse_args()
     res = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        base = run("baseline", 0, os.path.join(tmp, "b"))["peak_rss_mib"]
-        for n in args.prompts:
-            for mode in ("stream", "collect"):
-                r = run(mode, n, os.path.join(tmp, f"{mode}{n}"))
-                assert r["rows"] == n, r
-                res[(mode, n)] = r
-    print(f"baseline (imports + Ray, no rows): peak RSS {base:.0f} MiB")
-    print("| prompts x 1 image | setting | seconds | driver peak RSS MiB | above baseline MiB |")
-    print("|---:|---|---:|---:|---:|")
+    cluster = None
+    if args.nodes == 2:
+        sys.path.insert(0, os.getcwd())
+        from tests.cluster.localcluster import start_two_nodes
+
+        cluster = start_two_nodes(f"/tmp/ugb-{os.getpid()}", head_cpus=1, worker_cpus=1, object_store_mib=256,
+                                  env={"PYTHONPATH": os.getcwd()})
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            base = run("baseline", 0, os.path.join(tmp, "b"), cluster)["peak_rss_mib"]
+            for n in args.prompts:
+                for mode in ("stream", "collect"):
+                    r = run(mode, n, os.path.join(tmp, f"{mode}{n}"), cluster)
+                    assert r["rows"] == n, r
+                    res[(mode, n)] = r
+    finally:
+        if cluster:
+            cluster.stop()
+    print(f"baseline (imports + Ray, no rows): peak RSS {base:.0f} MiB; {args.nodes} node(s)")
+    print("| prompts x 1 image | setting | seconds | driver peak RSS MiB | above baseline MiB | nodes that generated |")
+    print("|---:|---|---:|---:|---:|---:|")
     for (mode, n), r in sorted(res.items(), key=lambda kv: (kv[0][1], kv[0][0] != "stream")):
-        print(f"| {n} | {mode} | {r['seconds']} | {r['peak_rss_mib']:.0f} | {r['peak_rss_mib'] - base:.0f} |")
+        print(f"| {n} | {mode} | {r['seconds']} | {r['peak_rss_mib']:.0f} | {r['peak_rss_mib'] - base:.0f} "
+              f"| {r['nodes']} |")
     for n in args.prompts:
         s, c = res[("stream", n)]["peak_rss_mib"] - base, res[("collect", n)]["peak_rss_mib"] - base
         print(f"{n} prompts: collect / stream, driver RSS above baseline: x{c / max(s, 1):.2f}")
