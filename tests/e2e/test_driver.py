@@ -24,10 +24,19 @@ TINY = ["run.rounds=2", "prompts.limit=6", "prompts.per_round=3", "eval.num_prom
         "cpr.reflection=1.0", "cpr.reflection_best=0.0", "cpr.reflection_gap=0.0"]
 
 
-def unigap(*args, env=None, **kw):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "WANDB_MODE": "offline",
-           "WANDB_SILENT": "true", **(env or {})}
+def driver_env(**extra) -> dict:
+    """A driver subprocess's environment, as a user's shell gives it: no RAY_ADDRESS, and no
+    WANDB_SERVICE -- an earlier test's in-process wandb.init sets it in this process, and drivers that
+    inherit it share this process's wandb service, so a SIGKILLed driver's run stays registered there
+    and its resume fails with "run ID ... is in use"."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "WANDB_MODE": "offline", **extra}
     env.pop("RAY_ADDRESS", None)
+    env.pop("WANDB_SERVICE", None)
+    return env
+
+
+def unigap(*args, env=None, **kw):
+    env = driver_env(WANDB_SILENT="true", **(env or {}))
     return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, **kw)
 
@@ -182,7 +191,7 @@ def test_compare_tables_the_finished_run_with_paired_gains(finished, tmp_path):
 
 def test_resume_after_sigkill_gives_the_same_manifest(finished, tmp_path):
     reference, _ = finished
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
+    env = driver_env()
     cmd = [sys.executable, "-m", "pipelines.cli", "run", "configs/tiny.yaml", f"run.root={tmp_path}",
            "run.name=two", *TINY]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -236,8 +245,7 @@ def test_a_killed_driver_leaves_no_ray_processes(tmp_path):
     reaper, Ray's dashboard and runtime-env agents were left running, reparented to init."""
     from pipelines.reaper import descendants
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
-    env.pop("RAY_ADDRESS", None)
+    env = driver_env()
     log = tmp_path / "log"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", "configs/tiny.yaml",
