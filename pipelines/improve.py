@@ -64,23 +64,18 @@ def _ref_logprobs(cfg: Config, adapter: Optional[str], pairs: list[dict]) -> lis
                                    **loss_distribution(cfg))
 
 
-def _training_data(cfg: Config, args: Any, adapter: Optional[str], key: str, fs: Any, paths: dict[str, str]):
+def _training_data(cfg: Config, args: Any, adapter: Optional[str], store: RunStore, k: int, key: str,
+                   with_cpr: bool):
     """The train stage's rows, in a Ray task (`train`: on the driver only for an SFT set within one
-    pool chunk): read from the pool stage's tables (`paths`: sft or pairs, and cpr if any), DPO's
+    pool chunk): round k's pool table `key` (sft or pairs) and the CPR rows if `with_cpr`, DPO's
     reference log-probs added, checked and packed (`trainers.train.prepare`). Returns (PackedRows,
     rows, CPR rows); from the task, the packed rows stay in the object store for the training workers."""
-    import pyarrow.parquet as pq
-
-    from pipelines.results import pool_table_order
     from trainers.train import prepare
 
-    def read(name: str) -> list[dict]:
-        return pool_table_order(name, pq.read_table(paths[name], filesystem=fs).to_pandas()).to_dict("records")
-
-    rows = read(key)
+    rows = PoolRows(k).table(store, key).to_dict("records")
     if cfg.train.objective == "dpo":  # reference log-probs once, before training: no resident reference model
         rows = _ref_logprobs(cfg, adapter, rows)
-    aux = read("cpr") if "cpr" in paths else None
+    aux = PoolRows(k).table(store, "cpr").to_dict("records") if with_cpr else None
     return prepare(args, rows, aux), len(rows), len(aux or ())
 
 
@@ -106,14 +101,13 @@ def train(ctx: Ctx, k: int, pooled: PoolRows, adapter: Optional[str]) -> tuple[T
     if local and os.path.isdir(out_dir):
         shutil.rmtree(out_dir)  # a crashed earlier attempt; the stage was never marked done
     args = train_args(cfg, k, adapter, storage)
-    paths = {name: store.table_path(k, "pool", name) for name in [key] + (["cpr"] if pooled.counts.get("cpr") else [])}
+    data = (cfg, args, adapter, store, k, key, bool(pooled.counts.get("cpr")))
     per_prompt = max([cfg.generate.num_images, *cfg.generate.num_images_by_category.values()])
     if key == "sft" and n + pooled.counts.get("cpr", 0) <= cfg.pools.chunk_prompts * per_prompt:
-        packed, rows, aux = _training_data(cfg, args, adapter, key, store.fs, paths)
+        packed, rows, aux = _training_data(*data)
         packed = ray.put(packed)
     else:
-        packed, rows, aux = stages.model_task(cfg, _training_data).options(num_returns=3).remote(
-            cfg, args, adapter, key, store.fs, paths)
+        packed, rows, aux = stages.model_task(cfg, _training_data).options(num_returns=3).remote(*data)
         rows, aux = ray.get([rows, aux])  # bad rows fail here, before any training
     result = train_adapter(args, None, out_dir, packed=packed)
     if not local:

@@ -235,8 +235,9 @@ def training_ids(prompts: Any, wanted: set[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for batch in prompt_table(prompts).to_batches(max_chunksize=4096):
         for pid, text in zip(batch["prompt_id"].to_pylist(), batch["prompt"].to_pylist()):
-            if _norm(text) in wanted:
-                out[_norm(text)] = pid
+            key = _norm(text)
+            if key in wanted:
+                out[key] = pid
     return out
 
 

@@ -95,14 +95,10 @@ class PoolRows:
     nonunified: dict[str, float] = field(default_factory=dict)  # pools.NonunifiedScore.to_metrics()
 
     def table(self, store: Any, name: str, columns: Optional[list[str]] = None) -> pd.DataFrame:
-        """Table `name`, all of it, in its canonical order (`pool_table_order`)."""
-        return pool_table_order(name, store.read_table(self.round, "pool", name, columns=columns).to_pandas())
-
-
-def pool_table_order(name: str, df: pd.DataFrame) -> pd.DataFrame:
-    """A pool table read from its part files, in the order the pool stage built it (a prompt's pairs
-    keep their order: they are in one part)."""
-    return canonical(df, {"cpr": ("kind", "prompt_id", "sample_index"), "pairs": ("prompt_id",)}.get(name, ORDER))
+        """Table `name`, all of it, in the order the pool stage built it (a prompt's pairs keep their
+        order: they are in one part file)."""
+        df = store.read_table(self.round, "pool", name, columns=columns).to_pandas()
+        return canonical(df, {"cpr": ("kind", "prompt_id", "sample_index"), "pairs": ("prompt_id",)}.get(name, ORDER))
 
 
 @dataclass

@@ -102,7 +102,7 @@ class ReviewDraw:
         """The chosen rows in pool order (`empty`: the columns to return when there are none)."""
         if self.kept is None:
             return empty.iloc[0:0].assign(review_weight=pd.Series(dtype=float))
-        return self.kept.drop(columns=[c for c in ("_key",) if c in self.kept]).reset_index(drop=True)
+        return self.kept.drop(columns="_key", errors="ignore").reset_index(drop=True)
 
 
 def select_for_review(pooled: Any, n: int, seed: int) -> pd.DataFrame:
