@@ -19,6 +19,7 @@ EXPECTED = {
     "proposer": {"prompts.proposer": "describe"},
     "unicorn": {"prompts.proposer": "describe", "prompts.proposal_target": "nonunified", "cpr.caption": 1.0,
                 "cpr.judgement": 0.6, "cpr.reflection": 0.2},
+    "dose": {"generate.num_images": 24, "train.epochs": 1},
     "binding": {"prompts.per_round": 125, "pools.sft_select": "best_of_n", "pools.category_cap": 0.4,
                 "prompts.category_mix": {"spatial": 65.0, "two_objects": 45.0, "counting": 12.0, "single": 2.0,
                                          "shape": 1.0},
