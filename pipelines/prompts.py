@@ -92,15 +92,15 @@ def prompt_table(prompts: Any) -> pa.Table:
     costs ~350 (measured: 2.5 vs 16.6 MiB for 50,000 short prompts). A table passes through
     unchanged; missing values are nulls (the stages' schema checks refuse them where needed).
 
-    >>> prompt_table([{"prompt_id": "a", "prompt": "x", "category": "c"}]).to_pylist()
-    [{'prompt_id': 'a', 'prompt': 'x', 'category': 'c'}]
+    >>> prompt_table([{"prompt_id": "a", "prompt": "x", "category": "c"}, {"prompt_id": 7}]).to_pylist()
+    [{'prompt_id': 'a', 'prompt': 'x', 'category': 'c'}, {'prompt_id': '7', 'prompt': None, 'category': None}]
     """
     if isinstance(prompts, pa.Table):
         return prompts
     rows = list(prompts)
-    cols = {name: pa.array([r.get(name) for r in rows], type=pa.string()) for name in PROMPT_COLUMNS}
-    cols["prompt_id"] = pa.array([None if r.get("prompt_id") is None else str(r["prompt_id"]) for r in rows],
-                                 type=pa.string())
+    ids = [None if r.get("prompt_id") is None else str(r["prompt_id"]) for r in rows]  # ids are text
+    cols = {name: pa.array(ids if name == "prompt_id" else [r.get(name) for r in rows], type=pa.string())
+            for name in PROMPT_COLUMNS}
     if any("replayed" in r for r in rows):
         cols["replayed"] = pa.array([bool(r.get("replayed", False)) for r in rows], type=pa.bool_())
     return pa.table(cols)
